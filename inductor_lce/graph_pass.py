@@ -1,0 +1,327 @@
+"""The Inductor graph pass: find linear -> float() -> cross-entropy and rewrite it.
+
+One structural matcher serves every slot.  It starts at each log-softmax over the
+classes (a cross-entropy *site*), then checks, without touching the graph:
+
+  logits    the path up to the lm-head matmul              (patterns/logits.py)
+  nll       the per-token loss, masked by ignore_index     (patterns/nll.py)
+  backward  when the graph is a joint graph: the log-softmax and nll backward and
+            the gradient matmuls of hidden / weight / bias  (patterns/log_softmax.py, ...)
+  users     no node of the region (logits, log-probs, their gradients) is read by
+            anything outside it
+
+and only then rewrites: the per-token loss becomes ``lce_forward``'s output, the
+gradient matmuls become ``lce_backward``'s outputs, and everything [N, V] dies.
+The user's reduction (mean / sum / none, whatever scaling of the incoming
+gradient) is left exactly as the graph computes it.  A site that fails a check is
+left alone and counted in ``counters["inductor_lce"]["skip_<reason>"]``.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch._dynamo.utils import counters
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch.fx import Graph, Node
+
+from . import ops  # noqa: F401  (registers torch.ops.inductor_lce)
+from .patterns.common import NoMatch, aten, is_op, shape
+from .patterns.log_softmax import LogSoftmax, match_log_softmax, match_log_softmax_backward, aliases
+from .patterns.logits import LogitsChain, LogitsGrad, match_logits_chain, match_logits_grad
+from .patterns.nll import NllBackward, NllForward, match_nll_backward, match_nll_forward
+
+log = logging.getLogger("inductor_lce")
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _source_files() -> tuple:
+    files = []
+    for root, _, names in os.walk(_PACKAGE_DIR):
+        files += [os.path.join(root, n) for n in sorted(names) if n.endswith(".py")]
+    return tuple(sorted(files))
+
+
+@dataclass
+class Site:
+    """One cross-entropy found in a graph and everything the rewrite touches."""
+    log_softmax: LogSoftmax
+    chain: Optional[LogitsChain] = None
+    nll: Optional[NllForward] = None
+    backward: Optional[tuple] = None          # (LogSoftmaxBackward, NllBackward, LogitsGrad)
+
+    @property
+    def name(self) -> str:
+        node = self.log_softmax.output
+        trace = (node.meta.get("stack_trace") or "").strip().splitlines()
+        where = next((l.strip() for l in reversed(trace) if l.strip().startswith("File ")), "")
+        return f"{node.name}" + (f" ({where})" if where else "")
+
+
+def find_sites(graph: Graph) -> list:
+    """Every log-softmax over the classes of a 2-D input: a candidate cross-entropy."""
+    sites = []
+    for node in graph.nodes:
+        try:
+            sites.append(Site(match_log_softmax(node)))
+        except NoMatch:
+            pass
+    return sites
+
+
+def analyze(site: Site) -> Site:
+    """Fill ``site`` with the matched region or raise ``NoMatch``; never mutates."""
+    lsm = site.log_softmax
+    gathers = [u for a in aliases(lsm.output) for u in a.users if is_op(u, aten.gather.default)]
+    if len(gathers) != 1:
+        raise NoMatch("no_nll" if not gathers else "log_softmax_other_users")
+    site.nll = match_nll_forward(gathers[0], lsm.output)
+    site.chain = match_logits_chain(lsm.input)
+    backwards = match_log_softmax_backward(lsm)
+    if len(backwards) > 1:
+        raise NoMatch("log_softmax_other_users", "several backward uses")
+    if backwards:
+        lsm_bwd = backwards[0]
+        nll_bwd = match_nll_backward(lsm_bwd.grad_output, site.nll)
+        logits_grad = match_logits_grad(lsm_bwd.grad_input, site.chain)
+        site.backward = (lsm_bwd, nll_bwd, logits_grad)
+    _check_users(site)
+    return site
+
+
+def _region(site: Site) -> tuple:
+    """(internal nodes, boundary outputs): internal nodes may only feed the region."""
+    internal = list(site.chain.nodes) + list(site.log_softmax.nodes) + list(site.nll.nodes)
+    internal += [a for a in aliases(site.log_softmax.output) if a is not site.log_softmax.output]
+    outputs = [site.nll.loss_tok]
+    if site.backward:
+        lsm_bwd, nll_bwd, grad = site.backward
+        internal += nll_bwd.nodes + lsm_bwd.nodes + grad.nodes
+        outputs += [n for n in (grad.grad_hidden, grad.grad_weight, grad.grad_bias) if n is not None]
+    return list(dict.fromkeys(internal)), outputs
+
+
+def _check_users(site: Site) -> None:
+    internal, outputs = _region(site)
+    allowed = set(internal) | set(outputs)
+    for node in internal:
+        for user in node.users:
+            if user in allowed:
+                continue
+            if user.op == "output":
+                raise NoMatch("saved_for_backward" if _is_partitioned_forward(node.graph) else "logits_returned",
+                              f"{node.name} is a graph output")
+            raise NoMatch("logits_other_users", f"{node.name} is also read by {user.name}")
+
+
+def _is_partitioned_forward(graph: Graph) -> bool:
+    """A training forward after partitioning: it returns more than the user's outputs."""
+    return any(n.op == "placeholder" and n.name.startswith("primals") for n in graph.nodes)
+
+
+# --------------------------------------------------------------------------- rewriting
+
+class _Emitter:
+    """Emitted ops must be ones Inductor lowers directly: its decompositions already ran.
+
+    Creates nodes before ``anchor`` and fills ``meta['val']`` by running them on fake values."""
+
+    def __init__(self, graph: Graph, fake_mode):
+        self.graph = graph
+        self.fake_mode = fake_mode
+
+    def __call__(self, anchor: Node, target, *args, **kwargs) -> Node:
+        with self.graph.inserting_before(anchor):
+            node = self.graph.call_function(target, args, kwargs)
+        fake_args = torch.fx.node.map_arg(args, lambda n: n.meta["val"])
+        fake_kwargs = torch.fx.node.map_arg(kwargs, lambda n: n.meta["val"])
+        with self.fake_mode:
+            node.meta["val"] = target(*fake_args, **fake_kwargs)
+        return node
+
+    def size(self, anchor: Node, node: Node, dim: int):
+        s = node.meta["val"].shape[dim]
+        return s if isinstance(s, int) else self(anchor, aten.sym_size.int, node, dim)
+
+
+def _ops_for(device_type: str):
+    try:
+        from .lowerings import ops_for
+    except ImportError:
+        ops_for = None
+    if ops_for is not None:
+        return ops_for(device_type)
+    return torch.ops.inductor_lce.lce_forward.default, torch.ops.inductor_lce.lce_backward.default
+
+
+def _row_index(emit: _Emitter, anchor: Node, chain: LogitsChain) -> Node:
+    """[N'] int64: for each logits row the loss reads, its row in the matmul output.
+    Replays the forward path on ``arange(N)`` with the class dim replaced by 1."""
+    n_rows = emit.size(anchor, chain.matmul, 0)
+    rows = emit(anchor, torch.ops.prims.iota.default, n_rows, start=0, step=1, dtype=torch.int64,
+                device=chain.matmul.meta["val"].device, requires_grad=False)
+    node = emit(anchor, aten.view.default, rows, [n_rows, 1])
+    for step in chain.nodes[1:]:
+        if is_op(step, aten.slice.Tensor):
+            node = emit(anchor, aten.slice.Tensor, node, *step.args[1:], **step.kwargs)
+        elif is_op(step, aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+            new_shape = list(step.args[1])[:-1] + [1]
+            node = emit(anchor, aten.reshape.default, node, new_shape)
+    return emit(anchor, aten.reshape.default, node, [-1])
+
+
+def rewrite(graph: Graph, site: Site, fake_mode) -> None:
+    chain, nll = site.chain, site.nll
+    emit = _Emitter(graph, fake_mode)
+    fwd_op, bwd_op = _ops_for(chain.hidden.meta["val"].device.type)
+    anchor = nll.loss_tok
+    target = nll.target
+    if target.meta["val"].dtype != torch.int64:
+        target = emit(anchor, torch.ops.prims.convert_element_type.default, target, torch.int64)
+    row_index = None
+    if chain.slices:
+        # The loss reads a subset of the matmul's rows (logits[..., :-1, :]): score every
+        # row, with ignore_index on the rows the loss does not read.
+        row_index = _row_index(emit, anchor, chain)
+        n_rows = emit.size(anchor, chain.matmul, 0)
+        filled = emit(anchor, aten.full.default, [n_rows], nll.ignore_index, dtype=torch.int64,
+                      device=target.meta["val"].device)
+        target = emit(anchor, aten.scatter.src, filled, 0, row_index, target)
+    out = emit(anchor, fwd_op, chain.hidden, chain.weight, chain.bias, target, nll.ignore_index)
+    loss_rows = emit(anchor, operator.getitem, out, 0)
+    lse = emit(anchor, operator.getitem, out, 1)
+    loss_tok = loss_rows if row_index is None else emit(anchor, aten.index.Tensor, loss_rows, [row_index])
+    nll.loss_tok.replace_all_uses_with(loss_tok)
+
+    if site.backward:
+        _, nll_bwd, grad = site.backward
+        grads = [n for n in (grad.grad_hidden, grad.grad_weight, grad.grad_bias) if n is not None]
+        anchor = min(grads, key=_position(graph))
+        grad_tok = emit(anchor, aten.reshape.default, nll_bwd.grad_tok, [-1])
+        if row_index is not None:
+            zeros = emit(anchor, aten.full.default, [emit.size(anchor, chain.matmul, 0)], 0.0,
+                         dtype=torch.float32, device=loss_rows.meta["val"].device)
+            grad_tok = emit(anchor, aten.scatter.src, zeros, 0, row_index, grad_tok)
+        outs = emit(anchor, bwd_op, grad_tok, None, chain.hidden, chain.weight, chain.bias, target, lse,
+                    nll.ignore_index)
+        if grad.grad_hidden is not None:
+            grad.grad_hidden.replace_all_uses_with(emit(anchor, operator.getitem, outs, 0))
+        if grad.grad_weight is not None:
+            grad_weight = emit(anchor, operator.getitem, outs, 1)
+            if grad.grad_weight_transposed:
+                grad_weight = emit(anchor, aten.permute.default, grad_weight, [1, 0])
+            grad.grad_weight.replace_all_uses_with(grad_weight)
+        if grad.grad_bias is not None:
+            grad_bias = emit(anchor, operator.getitem, outs, 2)
+            grad_bias = emit(anchor, aten.reshape.default, grad_bias, list(shape(grad.grad_bias)))
+            grad.grad_bias.replace_all_uses_with(grad_bias)
+
+
+
+
+def _position(graph: Graph):
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: order[n]
+
+
+def _erase_dead(graph: Graph, site: Site) -> None:
+    internal, outputs = _region(site)
+    for node in reversed(list(graph.nodes)):
+        if node in internal or node in outputs:
+            if node.users:
+                raise RuntimeError(f"inductor_lce: {node.name} still has users after the rewrite")
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+
+
+def _fake_mode(graph: Graph):
+    from torch._guards import detect_fake_mode
+
+    vals = [n.meta.get("val") for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    return detect_fake_mode(vals)
+
+
+# --------------------------------------------------------------------------- the pass
+
+_warned_post_grad_training = False
+
+
+def _count(key: str, n: int = 1) -> None:
+    counters["inductor_lce"][key] += n
+
+
+class LinearCrossEntropyPass(CustomGraphPass):
+    """Rewrite ``cross_entropy(linear(h, W).float(), labels)`` into the fused ops.
+
+    Put it in ``joint_custom_pre_pass`` for training (that is where the [N, V] logits can
+    still be kept out of what the forward saves) and in ``post_grad_custom_pre_pass`` for
+    inference graphs; ``inductor_lce.options()`` does both.
+    """
+
+    def __call__(self, graph: Graph) -> None:
+        sites = find_sites(graph)
+        if not sites:
+            return
+        fake_mode = _fake_mode(graph)
+        for site in sites:
+            try:
+                analyze(site)
+            except NoMatch as e:
+                self._skip(site, e.reason, e.detail)
+                continue
+            except Exception as e:  # a bug in a matcher must never break compilation
+                log.warning("inductor_lce: matcher failed on %s: %r", site.name, e, exc_info=True)
+                self._skip(site, "matcher_error", repr(e))
+                continue
+            snapshot = _snapshot(graph)
+            try:
+                rewrite(graph, site, fake_mode)
+                _erase_dead(graph, site)
+            except Exception as e:
+                _restore(graph, snapshot)
+                log.warning("inductor_lce: rewrite failed on %s, graph left as it was: %r", site.name, e,
+                            exc_info=True)
+                self._skip(site, "rewrite_error", repr(e))
+                # nodes of later sites belong to the discarded graph: stop here
+                return
+            _count("rewrites")
+            kind = "forward+backward" if site.backward else "forward"
+            log.info("inductor_lce: rewrote cross-entropy %s (%s)", site.name, kind)
+
+    def _skip(self, site: Site, reason: str, detail: str = "") -> None:
+        global _warned_post_grad_training
+        _count(f"skip_{reason}")
+        log.info("inductor_lce: cross-entropy %s not rewritten: %s%s", site.name, reason,
+                 f" ({detail})" if detail else "")
+        if reason == "saved_for_backward" and not _warned_post_grad_training:
+            _warned_post_grad_training = True
+            warnings.warn(
+                "inductor_lce: the post-grad pass saw a training graph whose forward already saves the "
+                "[N, V] logits for backward; rewriting it there saves nothing. Compile with "
+                "torch.compile(model, options=inductor_lce.options()) (the joint-graph slot) to save "
+                "training memory.",
+                stacklevel=2,
+            )
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files(_source_files())
+
+
+def _snapshot(graph: Graph) -> Graph:
+    copy = Graph()
+    out = copy.graph_copy(graph, {})
+    copy.output(out)
+    return copy
+
+
+def _restore(graph: Graph, snapshot: Graph) -> None:
+    for node in reversed(list(graph.nodes)):
+        graph.erase_node(node)
+    out = graph.graph_copy(snapshot, {})
+    graph.output(out)

@@ -1,0 +1,114 @@
+"""Readable chunked PyTorch implementation of linear + cross-entropy.
+
+This is the CPU implementation of the ``inductor_lce`` ops and the reference
+every kernel is tested against.  For token ``n`` with hidden row ``h_n`` [D],
+weight ``W`` [V, D], optional bias ``b`` [V] and target ``y_n``:
+
+    z_n        = h_n @ W.T + b              # [V], rounded to h's dtype, then fp32 (like eager `.float()`)
+    lse_n      = log(sum_v exp(z_nv))       # fp32
+    loss_n     = lse_n - z_{n, y_n}         # 0 where y_n == ignore_index
+
+Backward, given per-token incoming gradients ``g_n`` (for loss_n) and
+``g_lse_n`` (for lse_n, e.g. from a z-loss):
+
+    grad_logits_nv = softmax(z_n)_v * (g_n + g_lse_n) - [v == y_n] * g_n     # g_n := 0 where ignored
+    grad_hidden    = grad_logits @ W                  # [N, D]
+    grad_weight    = grad_logits.T @ h                # [V, D], accumulated in fp32 over chunks
+    grad_bias      = grad_logits.sum(0)               # [V]
+
+Only ``chunk_size`` rows of logits exist at a time: peak extra memory is
+O(chunk_size * V) plus, for low-precision weights, an fp32 accumulator of
+grad_weight ([V, D]) so that chunking loses no precision against eager.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# Bytes of fp32 logits one chunk may hold (several temporaries of this size live at once).
+CHUNK_BYTES = int(os.environ.get("INDUCTOR_LCE_CHUNK_BYTES", 32 * 2**20))
+
+
+def chunk_rows(num_classes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Rows of logits per chunk so one fp32 chunk is about ``chunk_bytes``."""
+    return max(1, chunk_bytes // (4 * max(1, num_classes)))
+
+
+def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise the error eager cross-entropy raises on CPU for an out-of-range target."""
+    valid = target != ignore_index
+    bad = valid & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise IndexError(f"Target {value} is out of bounds.")
+
+
+def _logits(hidden_chunk: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    # [C, V]: computed in the input dtype (as F.linear would), then upcast like `.float()`.
+    return torch.nn.functional.linear(hidden_chunk, weight, bias).float()
+
+
+def lce_forward_reference(
+    hidden: Tensor,            # [N, D]
+    weight: Tensor,            # [V, D]
+    bias: Optional[Tensor],    # [V] or None
+    target: Tensor,            # [N] int
+    ignore_index: int,
+    chunk_size: Optional[int] = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-token loss [N] (0 where ignored) and log-sum-exp [N], both fp32."""
+    N, V = hidden.shape[0], weight.shape[0]
+    check_targets(target, V, ignore_index)
+    chunk = chunk_size or chunk_rows(V)
+    loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    for start in range(0, N, chunk):
+        rows = slice(start, min(start + chunk, N))
+        logits = _logits(hidden[rows], weight, bias)                        # [C, V]
+        lse_c = torch.logsumexp(logits, dim=-1)                             # [C]
+        y = target[rows]
+        valid = y != ignore_index
+        target_logit = logits.gather(1, torch.where(valid, y, 0).unsqueeze(1)).squeeze(1)
+        loss[rows] = torch.where(valid, lse_c - target_logit, 0.0)
+        lse[rows] = lse_c
+    return loss, lse
+
+
+def lce_backward_reference(
+    grad_loss: Tensor,           # [N] fp32
+    grad_lse: Optional[Tensor],  # [N] fp32 or None
+    hidden: Tensor,              # [N, D]
+    weight: Tensor,              # [V, D]
+    bias: Optional[Tensor],      # [V] or None
+    target: Tensor,              # [N] int
+    lse: Tensor,                 # [N] fp32
+    ignore_index: int,
+    chunk_size: Optional[int] = None,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """grad_hidden [N, D], grad_weight [V, D], grad_bias [V] (None without bias)."""
+    N, V = hidden.shape[0], weight.shape[0]
+    chunk = chunk_size or chunk_rows(V)
+    grad_hidden = torch.empty_like(hidden)
+    acc_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+    grad_bias = None if bias is None else torch.zeros(V, dtype=torch.float32, device=weight.device)
+    for start in range(0, N, chunk):
+        rows = slice(start, min(start + chunk, N))
+        h = hidden[rows]
+        y = target[rows]
+        valid = y != ignore_index
+        g = torch.where(valid, grad_loss[rows].float(), 0.0)               # [C]
+        g_total = g if grad_lse is None else g + grad_lse[rows].float()
+        probs = torch.exp(_logits(h, weight, bias) - lse[rows].unsqueeze(1))  # [C, V]
+        grad_logits = probs * g_total.unsqueeze(1)
+        grad_logits.scatter_add_(1, torch.where(valid, y, 0).unsqueeze(1), -g.unsqueeze(1))
+        grad_logits_lp = grad_logits.to(hidden.dtype)                        # what eager feeds its mm
+        grad_hidden[rows] = grad_logits_lp @ weight
+        grad_weight.addmm_(grad_logits_lp.t().to(acc_dtype), h.to(acc_dtype))
+        if grad_bias is not None:
+            grad_bias += grad_logits_lp.float().sum(0)
+    grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+    return grad_hidden, grad_weight.to(weight.dtype), grad_bias
