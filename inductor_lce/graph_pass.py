@@ -83,6 +83,9 @@ def analyze(site: Site) -> Site:
         raise NoMatch("no_nll" if not gathers else "log_softmax_other_users")
     site.nll = match_nll_forward(gathers[0], lsm.output)
     site.chain = match_logits_chain(lsm.input)
+    for node in site.chain.nodes + lsm.nodes + site.nll.nodes:
+        if any(u.op == "output" for u in node.users):
+            raise NoMatch("logits_returned", f"{node.name} is a graph output")
     backwards = match_log_softmax_backward(lsm)
     if len(backwards) > 1:
         raise NoMatch("log_softmax_other_users", "several backward uses")
@@ -114,15 +117,22 @@ def _check_users(site: Site) -> None:
         for user in node.users:
             if user in allowed:
                 continue
-            if user.op == "output":
-                raise NoMatch("saved_for_backward" if _is_partitioned_forward(node.graph) else "logits_returned",
-                              f"{node.name} is a graph output")
             raise NoMatch("logits_other_users", f"{node.name} is also read by {user.name}")
 
 
-def _is_partitioned_forward(graph: Graph) -> bool:
-    """A training forward after partitioning: it returns more than the user's outputs."""
-    return any(n.op == "placeholder" and n.name.startswith("primals") for n in graph.nodes)
+def graph_kind(graph: Graph) -> str:
+    """'joint', 'forward' / 'backward' (a partitioned training graph) or 'inference',
+    from AOTAutograd's placeholder names (primals_*, tangents_*)."""
+    names = [n.name for n in graph.nodes if n.op == "placeholder"]
+    primals = any(n.startswith("primals") for n in names)
+    tangents = any(n.startswith("tangents") for n in names)
+    if primals and tangents:
+        return "joint"
+    if primals:
+        return "forward"
+    if tangents:
+        return "backward"
+    return "inference"
 
 
 # --------------------------------------------------------------------------- rewriting
@@ -264,9 +274,24 @@ class LinearCrossEntropyPass(CustomGraphPass):
     inference graphs; ``inductor_lce.options()`` does both.
     """
 
+    def __init__(self, *, report_training_graphs: bool = True):
+        # options() puts a second instance in the post-grad slot behind the joint one; that
+        # one stays quiet on training graphs, whose sites the joint pass already judged.
+        self.report_training_graphs = report_training_graphs
+
     def __call__(self, graph: Graph) -> None:
         sites = find_sites(graph)
         if not sites:
+            return
+        kind = graph_kind(graph)
+        if kind == "backward":
+            return  # what looks like a site here is the forward's recomputation; counted there
+        if kind == "forward":
+            # Post-grad slot on a training graph: the forward already saves the logits.
+            if not self.report_training_graphs:
+                return
+            for site in sites:
+                self._skip(site, "post_grad_training", "the forward already saves the logits for backward")
             return
         fake_mode = _fake_mode(graph)
         for site in sites:
@@ -299,7 +324,7 @@ class LinearCrossEntropyPass(CustomGraphPass):
         _count(f"skip_{reason}")
         log.info("inductor_lce: cross-entropy %s not rewritten: %s%s", site.name, reason,
                  f" ({detail})" if detail else "")
-        if reason == "saved_for_backward" and not _warned_post_grad_training:
+        if reason == "post_grad_training" and not _warned_post_grad_training:
             _warned_post_grad_training = True
             warnings.warn(
                 "inductor_lce: the post-grad pass saw a training graph whose forward already saves the "
@@ -309,8 +334,8 @@ class LinearCrossEntropyPass(CustomGraphPass):
                 stacklevel=2,
             )
 
-    def uuid(self) -> bytes:
-        return get_hash_for_files(_source_files())
+    def uuid(self) -> str:
+        return f"{get_hash_for_files(_source_files()).hex()}-{int(self.report_training_graphs)}"
 
 
 def _snapshot(graph: Graph) -> Graph:
