@@ -78,7 +78,8 @@ def find_sites(graph: Graph) -> list:
 def analyze(site: Site) -> Site:
     """Fill ``site`` with the matched region or raise ``NoMatch``; never mutates."""
     lsm = site.log_softmax
-    gathers = [u for a in aliases(lsm.output) for u in a.users if is_op(u, aten.gather.default)]
+    _check_log_softmax_users(lsm)
+    gathers = [u for u in lsm.output.users if is_op(u, aten.gather.default)]
     if len(gathers) != 1:
         raise NoMatch("no_nll" if not gathers else "log_softmax_other_users")
     site.nll = match_nll_forward(gathers[0], lsm.output)
@@ -86,6 +87,11 @@ def analyze(site: Site) -> Site:
     for node in site.chain.nodes + lsm.nodes + site.nll.nodes:
         if any(u.op == "output" for u in node.users):
             raise NoMatch("logits_returned", f"{node.name} is a graph output")
+    for node in site.chain.nodes[:-1]:
+        if any(u not in site.chain.nodes for u in node.users):
+            raise NoMatch("logits_other_users", f"{node.name} is read outside the loss")
+    if any(u not in lsm.nodes for u in lsm.input.users):
+        raise NoMatch("logits_other_users", f"{lsm.input.name} is read outside the loss")
     backwards = match_log_softmax_backward(lsm)
     if len(backwards) > 1:
         raise NoMatch("log_softmax_other_users", "several backward uses")
@@ -96,6 +102,24 @@ def analyze(site: Site) -> Site:
         site.backward = (lsm_bwd, nll_bwd, logits_grad)
     _check_users(site)
     return site
+
+
+def _check_log_softmax_users(lsm: LogSoftmax) -> None:
+    """In the forward, log-probs feed one gather (and aliases saved for backward); say why not."""
+    for node in lsm.nodes[:-1]:
+        if any(u not in lsm.nodes for u in node.users):
+            raise NoMatch("log_softmax_other_users", f"{node.name} is read outside the log-softmax")
+    for user in lsm.output.users:
+        if is_op(user, aten.gather.default, aten.alias.default):
+            continue
+        if is_op(user, torch.ops.prims.convert_element_type.default):
+            raise NoMatch("not_fp32", "log-softmax computed in low precision (no .float() before the loss)")
+        if is_op(user, aten.mul.Tensor) and any(len(shape(a)) <= 2 and shape(a)[:1] in ((1,), (shape(lsm.output)[-1],))
+                                                 for a in user.args if a is not lsm.output):
+            raise NoMatch("class_weights", "per-class weights multiply the log-probs")
+        if is_op(user, aten.sum.dim_IntList, aten.mean.dim, aten.sum.default, aten.mean.default):
+            raise NoMatch("label_smoothing", "the log-probs are summed over the classes")
+        raise NoMatch("log_softmax_other_users", f"{lsm.output.name} is also read by {user.name}")
 
 
 def _region(site: Site) -> tuple:

@@ -1,0 +1,125 @@
+"""Per-device lowerings of the ``inductor_lce`` ops.
+
+CUDA (when Triton imports): two ``torch.library.triton_op``s with exactly the schemas and semantics of
+``inductor_lce::lce_forward`` / ``inductor_lce::lce_backward``:
+
+    inductor_lce::lce_forward_triton(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, int ignore_index)
+        -> (Tensor loss, Tensor lse)
+    inductor_lce::lce_backward_triton(Tensor grad_loss, Tensor? grad_lse, Tensor hidden, Tensor weight,
+        Tensor? bias, Tensor target, Tensor lse, int ignore_index) -> (Tensor, Tensor, Tensor)
+
+``ops_for(device_type)`` tells the graph pass which pair to emit. Importing this package also makes the
+Triton implementation the CUDA kernel of the eager ops, so ``inductor_lce.linear_cross_entropy`` on CUDA
+tensors is fast without ``torch.compile``.
+
+How Inductor runs the Triton ops depends on where they enter the graph:
+* present while AOTAutograd traces (a user calling ``lce_forward_triton`` under ``torch.compile``): the
+  triton_op is decomposed during functionalization and Inductor emits the Triton kernels and the aten
+  matmuls in its own output code;
+* inserted afterwards (a joint-graph or post-grad pass): the graph is no longer re-traced, so Inductor
+  treats the op as an opaque fallback that calls it at run time (same kernels, launched from Python).
+  ``inline_triton_ops(graph)`` expands such nodes into the kernel calls (see its docstring).
+
+Nothing here is required: on a machine without a working Triton, ``ops_for`` returns the reference ops
+and importing this package never fails.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import ops as _ops
+
+AVAILABLE = False
+UNAVAILABLE_REASON: Optional[str] = None
+
+try:
+    import triton  # noqa: F401
+
+    from . import lce_triton as _impl
+    from .lce_triton import SETTINGS, Settings, lce_backward_impl, lce_forward_impl
+
+    AVAILABLE = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+    if not AVAILABLE:
+        UNAVAILABLE_REASON = "torch.library.triton_op / wrap_triton missing in this torch"
+except Exception as e:  # ImportError, or a broken Triton install
+    UNAVAILABLE_REASON = f"{type(e).__name__}: {e}"
+
+try:  # private: turns wrap_triton into a plain launch for eager calls (avoids the HOP dispatch cost)
+    from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
+except ImportError:  # pragma: no cover - older/newer torch without it: launches still work, slower
+    _set_wrap_triton_enabled = None
+
+
+def _plain_launches():
+    return _set_wrap_triton_enabled(False) if _set_wrap_triton_enabled else contextlib.nullcontext()
+
+
+if AVAILABLE:
+
+    @torch.library.triton_op("inductor_lce::lce_forward_triton", mutates_args=())
+    def lce_forward_triton(
+        hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int
+    ) -> tuple[Tensor, Tensor]:
+        return lce_forward_impl(hidden, weight, bias, target, ignore_index)
+
+    @torch.library.triton_op("inductor_lce::lce_backward_triton", mutates_args=())
+    def lce_backward_triton(
+        grad_loss: Tensor,
+        grad_lse: Optional[Tensor],
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        target: Tensor,
+        lse: Tensor,
+        ignore_index: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return lce_backward_impl(grad_loss, grad_lse, hidden, weight, bias, target, lse, ignore_index)
+
+    def _setup_context(ctx, inputs, output):
+        hidden, weight, bias, target, ignore_index = inputs
+        ctx.save_for_backward(hidden, weight, bias, target, output[1])
+        ctx.ignore_index = ignore_index
+        ctx.has_bias = bias is not None
+
+    def _backward(ctx, grad_loss, grad_lse):
+        hidden, weight, bias, target, lse = ctx.saved_tensors
+        if grad_loss is None:
+            grad_loss = torch.zeros_like(lse)
+        grad_hidden, grad_weight, grad_bias = lce_backward_triton(
+            grad_loss.float(), None if grad_lse is None else grad_lse.float(),
+            hidden, weight, bias, target, lse, ctx.ignore_index,
+        )
+        return grad_hidden, grad_weight, (grad_bias if ctx.has_bias else None), None, None
+
+    lce_forward_triton.register_autograd(_backward, setup_context=_setup_context)
+
+    # The eager ops' CUDA kernels: the same implementation, launched directly.
+    @_ops.lce_forward.register_kernel("cuda")
+    def _lce_forward_cuda(hidden, weight, bias, target, ignore_index):
+        with _plain_launches():
+            return lce_forward_impl(hidden, weight, bias, target, ignore_index)
+
+    @_ops.lce_backward.register_kernel("cuda")
+    def _lce_backward_cuda(grad_loss, grad_lse, hidden, weight, bias, target, lse, ignore_index):
+        with _plain_launches():
+            return lce_backward_impl(grad_loss, grad_lse, hidden, weight, bias, target, lse, ignore_index)
+
+
+def ops_for(device_type: str):
+    """(forward, backward) OpOverloads the graph pass should emit for tensors on ``device_type``.
+
+    "cuda" with a working Triton: the triton_ops (same schema and semantics as the reference ops);
+    anything else: ``inductor_lce::lce_forward`` / ``lce_backward`` (chunked PyTorch reference)."""
+    if device_type == "cuda" and AVAILABLE:
+        return (torch.ops.inductor_lce.lce_forward_triton.default,
+                torch.ops.inductor_lce.lce_backward_triton.default)
+    return torch.ops.inductor_lce.lce_forward.default, torch.ops.inductor_lce.lce_backward.default
+
+
+__all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "ops_for"] + (
+    ["SETTINGS", "Settings", "lce_forward_triton", "lce_backward_triton"] if AVAILABLE else []
+)

@@ -1,0 +1,87 @@
+"""Backward, step 1 of a V-slab: grad_logits for classes [v_begin, v_begin + slab) from recomputed logits.
+
+    z[n, v]           = fp32(dtype(hidden[n] . weight[v] + bias[v]))          # tl.dot tiles, as in the forward
+    g[n]              = grad_loss[n] if target[n] != ignore_index else 0
+    grad_logits[n, j] = dtype(exp(z[n, v] - lse[n]) * (g[n] + grad_lse[n]) - [v == target[n]] * g[n]),  v = v_begin + j
+    grad_bias[v]     += sum_n grad_logits[n, j]                               # fp32 atomics (HAS_BIAS)
+
+grad_logits: [N, slab] in the input dtype, row stride ``stride_out``; it feeds the two cuBLAS/Triton
+matmuls of the slab (grad_weight[slab] = grad_logits.T @ hidden, grad_hidden += grad_logits @ weight[slab]).
+Grid: one program per [BLOCK_M, BLOCK_N] tile, grouped GROUP_M row blocks at a time for L2 reuse.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._config import LOG2E, configs
+
+
+@triton.jit
+def grad_logits_kernel_jit(
+    hidden_ptr, weight_ptr, bias_ptr, target_ptr,      # [N, D], [V, D], [V], [N] int64
+    lse_ptr, grad_loss_ptr, grad_lse_ptr,              # [N] fp32 each
+    grad_logits_ptr, grad_bias_ptr,                    # [N, slab] out, [V] fp32 accumulated
+    N, D, v_begin, slab, n_bucket, stride_hidden, stride_weight, stride_out, ignore_index,
+    HAS_BIAS: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(N, BLOCK_M)
+    num_pid_n = tl.cdiv(slab, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                       # [BLOCK_M] tokens
+    row_ok = rows < N
+    rows_safe = tl.where(row_ok, rows, 0)
+    j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                          # [BLOCK_N] column in the slab
+    col_ok = j < slab
+    cols = v_begin + tl.where(col_ok, j, 0)                              # class ids (in-bounds)
+    offs_k = tl.arange(0, BLOCK_K)
+    h_rows = hidden_ptr + rows_safe.to(tl.int64)[:, None] * stride_hidden
+    w_rows = weight_ptr + cols.to(tl.int64)[:, None] * stride_weight
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)                       # [BLOCK_M, BLOCK_N] logits tile
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + offs_k
+        if EVEN_K:
+            a = tl.load(h_rows + k[None, :])
+            b = tl.load(w_rows + k[None, :])
+        else:
+            a = tl.load(h_rows + k[None, :], mask=k[None, :] < D, other=0.0)
+            b = tl.load(w_rows + k[None, :], mask=k[None, :] < D, other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    z = acc.to(hidden_ptr.dtype.element_ty).to(tl.float32)              # logits in the input dtype
+
+    target = tl.load(target_ptr + rows_safe)
+    lse = tl.load(lse_ptr + rows_safe)
+    g = tl.where(target != ignore_index, tl.load(grad_loss_ptr + rows_safe), 0.0)
+    g_total = g
+    if HAS_GRAD_LSE:
+        g_total += tl.load(grad_lse_ptr + rows_safe)
+    prob = tl.exp2(z * LOG2E - (lse * LOG2E)[:, None])
+    grad = prob * g_total[:, None] - tl.where(cols[None, :] == target[:, None], g[:, None], 0.0)
+    grad = grad.to(grad_logits_ptr.dtype.element_ty)
+    out = grad_logits_ptr + rows_safe.to(tl.int64)[:, None] * stride_out + j[None, :]
+    tl.store(out, grad, mask=row_ok[:, None] & col_ok[None, :])
+    if HAS_BIAS:
+        col_sum = tl.sum(tl.where(row_ok[:, None], grad.to(tl.float32), 0.0), axis=0)
+        tl.atomic_add(grad_bias_ptr + cols, col_sum, mask=col_ok)
+
+
+# restore_value: autotuning replays the kernel, which must not add grad_bias twice
+grad_logits_kernel = triton.autotune(
+    configs=configs("grad_logits"), key=["D", "slab", "n_bucket"], restore_value=["grad_bias_ptr"]
+)(
+    grad_logits_kernel_jit
+)

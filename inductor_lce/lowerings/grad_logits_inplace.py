@@ -1,0 +1,52 @@
+"""Backward, cuBLAS-logits variant of step 1: turn a logits slab into grad_logits in place (no tl.dot).
+
+For a slab of classes v = v_begin + j whose logits [N, slab] came from cuBLAS (input dtype):
+
+    g[n]              = grad_loss[n] if target[n] != ignore_index else 0
+    grad_logits[n, j] = dtype(exp(fp32(logits[n, j]) - lse[n]) * (g[n] + grad_lse[n]) - [v == target[n]] * g[n])
+    grad_bias[v]     += sum_n grad_logits[n, j]                                   # fp32 atomics (HAS_BIAS)
+
+Grid: (cdiv(N, BLOCK_M), cdiv(slab, BLOCK_N)).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._config import LOG2E, row_configs
+
+
+@triton.jit
+def grad_logits_inplace_kernel_jit(
+    logits_ptr, target_ptr, lse_ptr, grad_loss_ptr, grad_lse_ptr,   # [N, slab] in/out, [N] x4
+    grad_bias_ptr,                                                  # [V] fp32, accumulated
+    N, slab, v_begin, stride_logits, ignore_index,
+    HAS_BIAS: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    rows_safe = tl.where(row_ok, rows, 0)
+    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = j < slab
+    mask = row_ok[:, None] & col_ok[None, :]
+    ptrs = logits_ptr + rows_safe.to(tl.int64)[:, None] * stride_logits + j[None, :]
+    z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    target = tl.load(target_ptr + rows_safe)
+    lse = tl.load(lse_ptr + rows_safe)
+    g = tl.where(target != ignore_index, tl.load(grad_loss_ptr + rows_safe), 0.0)
+    g_total = g
+    if HAS_GRAD_LSE:
+        g_total += tl.load(grad_lse_ptr + rows_safe)
+    prob = tl.exp2(z * LOG2E - (lse * LOG2E)[:, None])
+    grad = prob * g_total[:, None] - tl.where((v_begin + j)[None, :] == target[:, None], g[:, None], 0.0)
+    grad = grad.to(logits_ptr.dtype.element_ty)
+    tl.store(ptrs, grad, mask=mask)
+    if HAS_BIAS:
+        col_sum = tl.sum(tl.where(mask, grad.to(tl.float32), 0.0), axis=0)
+        tl.atomic_add(grad_bias_ptr + v_begin + j, col_sum, mask=col_ok)
+
+
+# restore_value: autotuning replays the kernel, which works in place
+grad_logits_inplace_kernel = triton.autotune(
+    configs=row_configs(), key=["slab", "N"], restore_value=["logits_ptr", "grad_bias_ptr"]
+)(grad_logits_inplace_kernel_jit)

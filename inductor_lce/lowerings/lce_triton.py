@@ -1,0 +1,300 @@
+"""Host side of the Triton lowering: the slab loops, the workspace plan and the two ``triton_op``s.
+
+Forward (one launch):   lse_forward kernel over [N, V] in V-splits -> (max2, sumexp) partials [SPLITS, N]
+                        and target_logit [N]; torch combines them into lse [N] and loss [N].
+Backward (per V-slab of ``slab`` classes, in order):
+    grad_logits  = grad_logits kernel (logits recomputed by tl.dot, softmax-grad epilogue)   # [N, slab] dtype
+    grad_weight[slab] = grad_logits.T @ hidden                         # cuBLAS, one matmul over all N: exact
+    grad_hidden (+)= grad_logits @ weight[slab]                        # grad_hidden kernel, fp32 or compensated state
+That is 4 GEMMs of N*D*V (forward logits, backward logits, grad_weight, grad_hidden) against the 3 of a
+logits-storing implementation: the lse needs a whole row of V before any grad_logits exists.
+
+Workspace (bytes beyond the outputs), ``Settings.workspace_bytes`` (default 56 MiB):
+    grad_hidden state (N*D*4 fp32 or N*D*1 int8 compensation) + slab * (N + D) * itemsize
+(the D term is the [slab, D] grad_weight temporary Inductor uses when it traces the ``out=`` matmul).
+
+Both functions run on real tensors (eager, via the ops' backend) and on fake tensors (tracing); under
+tracing, ``wrap_triton`` turns each launch into a node Inductor compiles and launches itself.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import triton
+
+from ._config import DOT_FP32, INTERPRET, LN2
+from .grad_hidden import grad_hidden_kernel
+from .grad_logits import grad_logits_kernel
+from .grad_logits_inplace import grad_logits_inplace_kernel
+from .lse_forward import lse_forward_kernel
+from .lse_update import lse_update_kernel
+
+__all__ = ["Settings", "SETTINGS", "lce_forward_impl", "lce_backward_impl", "plan_backward", "forward_splits"]
+
+
+def _env_mb(name: str, default: float) -> int:
+    return int(float(os.environ.get(name, default)) * 2**20)
+
+
+@dataclass
+class Settings:
+    """Knobs read when an op runs (eager) or is traced (compile). Environment variables set the defaults."""
+
+    workspace_bytes: int = _env_mb("INDUCTOR_LCE_WORKSPACE_MB", 56)
+    forward: str = os.environ.get("INDUCTOR_LCE_FORWARD", "fused")              # fused | cublas
+    grad_logits: str = os.environ.get("INDUCTOR_LCE_GRAD_LOGITS", "fused")      # fused | cublas
+    grad_hidden_state: str = os.environ.get("INDUCTOR_LCE_GRAD_HIDDEN_STATE", "auto")  # auto | fp32 | compensated
+    check_targets: bool = os.environ.get("INDUCTOR_LCE_CHECK_TARGETS", "1") == "1"
+
+
+SETTINGS = Settings()
+
+MODE_FP32, MODE_COMPENSATED = 0, 1
+_GROUP_M = 8
+# Column granularity of V-splits and slabs: a multiple of every BLOCK_N / BLOCK_K in the configs.
+_GRAIN = 32 if INTERPRET else 256
+
+
+def _launch(kernel):
+    """Kernel launcher: through ``wrap_triton`` so that tracing records it (a no-op wrapper in eager)."""
+    if INTERPRET:  # interpreted kernels are launched directly (CPU tests); nothing traces them
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def _hint(x) -> int:
+    """A size as a Python int for planning, without adding a guard on a symbolic size."""
+    if isinstance(x, int):
+        return x
+    node = getattr(x, "node", None)
+    hint = getattr(node, "hint", None)
+    if isinstance(hint, int):
+        return hint
+    try:
+        return int(node.shape_env.size_hint(node.expr))
+    except Exception:
+        return int(x)  # specializes: correct, only less general
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _bucket(n: int) -> int:
+    """Autotuning key for the token count: the next power of two."""
+    return 1 << max(0, int(_hint(n)) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: str) -> int:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
+    return 4
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
+
+
+def _max_block_k(kernel) -> int:
+    return max(int(c.kwargs.get("BLOCK_K", 1)) for c in kernel.configs)
+
+
+def _check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Device-side check (no sync) that every scored target is a class id, like eager cross-entropy."""
+    ok = (target == ignore_index) | ((target >= 0) & (target < num_classes))
+    torch._assert_async(ok.all(), "inductor_lce: target out of bounds (not in [0, V) and not ignore_index)")
+
+
+def forward_splits(n_tokens: int, num_classes: int, num_sms: int) -> tuple[int, int]:
+    """(classes per split, number of splits) for the forward grid, minimising waves * work per program.
+
+    Programs = cdiv(N, 128) row blocks x splits; each program walks v_per_split classes. The cost model
+    counts waves of programs times (v_per_split + a fixed 128-class overhead per program)."""
+    row_blocks = _cdiv(max(n_tokens, 1), 128)
+    best = None
+    for per_split in range(_GRAIN, _cdiv(num_classes, _GRAIN) * _GRAIN + 1, _GRAIN):
+        splits = _cdiv(num_classes, per_split)
+        cost = _cdiv(row_blocks * splits, num_sms) * (per_split + 128)
+        if best is None or cost < best[0]:
+            best = (cost, per_split, splits)
+    return best[1], best[2]
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    mode: int            # MODE_FP32 or MODE_COMPENSATED
+    state_in_output: bool  # fp32 inputs: the fp32 state is grad_hidden itself
+    slab: int            # classes per V-slab
+    workspace_bytes: int  # state + one slab (+ the traced grad_weight temporary)
+
+
+def plan_backward(n_tokens: int, dim: int, num_classes: int, dtype: torch.dtype,
+                  workspace: Optional[int] = None, state: Optional[str] = None) -> BackwardPlan:
+    workspace = SETTINGS.workspace_bytes if workspace is None else workspace
+    state = SETTINGS.grad_hidden_state if state is None else state
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_class = (n_tokens + dim) * itemsize
+    if dtype == torch.float32:
+        mode, in_output, state_bytes = MODE_FP32, True, 0
+    elif state == "fp32" or (state == "auto" and n_tokens * dim * 4 <= workspace // 2):
+        mode, in_output, state_bytes = MODE_FP32, False, n_tokens * dim * 4
+    else:
+        mode, in_output, state_bytes = MODE_COMPENSATED, False, n_tokens * dim
+    slab = max(_GRAIN, (max(0, workspace - state_bytes) // per_class) // _GRAIN * _GRAIN)
+    slab = min(slab, _cdiv(num_classes, _GRAIN) * _GRAIN)
+    return BackwardPlan(mode, in_output, slab, state_bytes + slab * per_class)
+
+
+def _lo_step(dtype: torch.dtype) -> float:
+    """Unit of the int8 compensation: 2^-(stored mantissa bits + 8) of |hi| (see grad_hidden.py)."""
+    return 2.0 ** -({torch.bfloat16: 7, torch.float16: 10}.get(dtype, 23) + 8)
+
+
+# ----------------------------------------------------------------------------------------------- forward
+
+def lce_forward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                     ignore_index: int) -> tuple[Tensor, Tensor]:
+    n_tokens, dim = hidden.shape
+    num_classes = weight.shape[0]
+    hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if SETTINGS.check_targets:
+        _check_targets(target, num_classes, ignore_index)
+    if _hint(n_tokens) == 0:
+        empty = hidden.new_empty((n_tokens,), dtype=torch.float32)
+        return empty, empty.clone()
+    if SETTINGS.forward == "cublas":
+        lse, target_logit = _forward_cublas(hidden, weight, bias, target)
+    else:
+        lse, target_logit = _forward_fused(hidden, weight, bias, target)
+    loss = torch.where(target != ignore_index, lse - target_logit, 0.0)
+    return loss, lse
+
+
+def _forward_fused(hidden, weight, bias, target):
+    n_tokens, dim = hidden.shape
+    num_classes = weight.shape[0]
+    per_split, splits = forward_splits(_hint(n_tokens), num_classes, _num_sms(str(hidden.device)))
+    max2 = hidden.new_empty((splits, n_tokens), dtype=torch.float32)          # [SPLITS, N]
+    sumexp = hidden.new_empty((splits, n_tokens), dtype=torch.float32)        # [SPLITS, N]
+    target_logit = hidden.new_zeros((n_tokens,), dtype=torch.float32)         # [N]
+
+    def grid(meta):
+        return (triton.cdiv(n_tokens, meta["BLOCK_M"]), splits)
+
+    _launch(lse_forward_kernel)[grid](
+        hidden, weight, bias, target, max2, sumexp, target_logit,
+        n_tokens, num_classes, dim, per_split, _bucket(n_tokens), hidden.stride(0), weight.stride(0),
+        HAS_BIAS=bias is not None, EVEN_K=dim % _max_block_k(lse_forward_kernel) == 0,
+        DOT_FP32=DOT_FP32, DOT_PRECISION=_dot_precision(hidden.dtype),
+    )
+    top = max2.amax(0)                                                        # [N]
+    lse = (top + torch.log2((sumexp * torch.exp2(max2 - top)).sum(0))) * LN2
+    return lse, target_logit
+
+
+def _forward_cublas(hidden, weight, bias, target):
+    """Variant: cuBLAS logits slabs (F.linear) folded into a running lse by the lse_update kernel."""
+    n_tokens, dim = hidden.shape
+    num_classes = weight.shape[0]
+    itemsize = hidden.element_size()
+    slab = max(_GRAIN, SETTINGS.workspace_bytes // max(1, _hint(n_tokens) * itemsize) // _GRAIN * _GRAIN)
+    max2 = hidden.new_empty((n_tokens,), dtype=torch.float32)
+    sumexp = hidden.new_empty((n_tokens,), dtype=torch.float32)
+    target_logit = hidden.new_empty((n_tokens,), dtype=torch.float32)
+    for v0 in range(0, num_classes, slab):
+        v1 = min(v0 + slab, num_classes)
+        logits = torch.nn.functional.linear(hidden, weight[v0:v1], None if bias is None else bias[v0:v1])
+
+        def grid(meta):
+            return (triton.cdiv(n_tokens, meta["BLOCK_M"]),)
+
+        _launch(lse_update_kernel)[grid](
+            logits, target, max2, sumexp, target_logit, n_tokens, v1 - v0, v0, logits.stride(0), FIRST=v0 == 0,
+        )
+    return (max2 + torch.log2(sumexp)) * LN2, target_logit
+
+
+# ---------------------------------------------------------------------------------------------- backward
+
+def lce_backward_impl(grad_loss: Tensor, grad_lse: Optional[Tensor], hidden: Tensor, weight: Tensor,
+                      bias: Optional[Tensor], target: Tensor, lse: Tensor,
+                      ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    n_tokens, dim = hidden.shape
+    num_classes = weight.shape[0]
+    hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
+    lse = lse.float().contiguous()
+    grad_loss = grad_loss.float().contiguous()
+    grad_lse = None if grad_lse is None else grad_lse.float().contiguous()
+    grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)      # [N, D]
+    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)      # [V, D]
+    # [V] fp32 sums of grad_logits (a 0-element stand-in without bias: the kernels restore it when tuning)
+    grad_bias_acc = hidden.new_zeros((num_classes if bias is not None else 0,), dtype=torch.float32)
+    if _hint(n_tokens) == 0:
+        grad_weight.zero_()
+        return grad_hidden, grad_weight, grad_bias_acc.to(weight.dtype if bias is None else bias.dtype)
+
+    plan = plan_backward(_hint(n_tokens), dim, num_classes, hidden.dtype)
+    starts = list(range(0, num_classes, plan.slab))
+    mode = plan.mode
+    if len(starts) == 1:  # one slab: grad_hidden is written once, no running state
+        mode, state, lo = MODE_FP32, grad_hidden, grad_hidden
+    elif mode == MODE_FP32:
+        state = grad_hidden if plan.state_in_output else hidden.new_empty((n_tokens, dim), dtype=torch.float32)
+        lo = state
+    else:
+        lo = hidden.new_empty((n_tokens, dim), dtype=torch.int8)      # [N, D] compensation of grad_hidden
+        state = lo
+    even_k = _max_block_k(grad_logits_kernel)
+    for i, v0 in enumerate(starts):
+        v1 = min(v0 + plan.slab, num_classes)
+        width = v1 - v0
+        if SETTINGS.grad_logits == "cublas":
+            # [N, slab] logits by cuBLAS (F.linear), turned into grad_logits in place
+            grad_logits = torch.nn.functional.linear(hidden, weight[v0:v1], None if bias is None else bias[v0:v1])
+
+            def grid_e(meta):
+                return (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]))
+
+            _launch(grad_logits_inplace_kernel)[grid_e](
+                grad_logits, target, lse, grad_loss, grad_lse, grad_bias_acc,
+                n_tokens, width, v0, grad_logits.stride(0), ignore_index,
+                HAS_BIAS=bias is not None, HAS_GRAD_LSE=grad_lse is not None,
+            )
+        else:
+            grad_logits = hidden.new_empty((n_tokens, width))           # [N, slab]
+
+            def grid_l(meta):
+                return (triton.cdiv(n_tokens, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),)
+
+            _launch(grad_logits_kernel)[grid_l](
+                hidden, weight, bias, target, lse, grad_loss, grad_lse, grad_logits, grad_bias_acc,
+                n_tokens, dim, v0, width, _bucket(n_tokens), hidden.stride(0), weight.stride(0),
+                grad_logits.stride(0), ignore_index,
+                HAS_BIAS=bias is not None, HAS_GRAD_LSE=grad_lse is not None,
+                EVEN_K=dim % even_k == 0, DOT_FP32=DOT_FP32, DOT_PRECISION=_dot_precision(hidden.dtype),
+                GROUP_M=_GROUP_M,
+            )
+        # grad_weight[slab]: one matmul over all N tokens, written straight into the output (exact)
+        torch.mm(grad_logits.t(), hidden, out=grad_weight[v0:v1])
+
+        def grid_h(meta):
+            return (triton.cdiv(n_tokens, meta["BLOCK_M"]) * triton.cdiv(dim, meta["BLOCK_N"]),)
+
+        _launch(grad_hidden_kernel)[grid_h](
+            grad_logits, weight[v0:v1], state, lo, grad_hidden,
+            n_tokens, dim, width, _bucket(n_tokens), grad_logits.stride(0), weight.stride(0), dim, dim,
+            _lo_step(hidden.dtype),
+            MODE=mode, FIRST=i == 0, LAST=i == len(starts) - 1,
+            EVEN_K=width % _max_block_k(grad_hidden_kernel) == 0,
+            DOT_FP32=DOT_FP32, DOT_PRECISION=_dot_precision(hidden.dtype), GROUP_M=_GROUP_M,
+        )
+    grad_bias = weight.new_empty((0,)) if bias is None else grad_bias_acc.to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias

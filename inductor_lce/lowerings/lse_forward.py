@@ -1,0 +1,79 @@
+"""Forward: per-token log-sum-exp and target logit of ``hidden @ weight.T + bias``, never storing logits.
+
+For tokens n (BLOCK_M per program) and the classes v of one V-split s:
+
+    z[n, v]        = fp32(dtype(hidden[n] . weight[v] + bias[v]))   # tl.dot tiles, fp32 accumulate, rounded like F.linear
+    max2[s, n]     = max_v  z[n, v] * log2(e)                         # [SPLITS, N]  running max (log2 units)
+    sumexp[s, n]   = sum_v  exp2(z[n, v] * log2(e) - max2[s, n])      # [SPLITS, N]  online rescaled sum
+    target_logit[n] = z[n, target[n]]                                 # [N]  stored by the one split holding target[n]
+
+The host combines the splits: lse = ln2 * (M + log2(sum_s sumexp[s] * exp2(max2[s] - M))), M = max_s max2[s].
+Grid: (cdiv(N, BLOCK_M), SPLITS); program (m, s) walks the classes [s * v_per_split, (s + 1) * v_per_split).
+Consecutive programs share a split, so the weight tiles they stream are read from L2 by all row blocks.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._config import LOG2E, configs
+
+
+@triton.jit
+def lse_forward_kernel_jit(
+    hidden_ptr, weight_ptr, bias_ptr, target_ptr,       # [N, D], [V, D], [V], [N] int64
+    max2_ptr, sumexp_ptr, target_logit_ptr,             # [SPLITS, N] fp32, [SPLITS, N] fp32, [N] fp32
+    N, V, D, v_per_split, n_bucket, stride_hidden, stride_weight,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                        # [BLOCK_M]
+    row_ok = rows < N
+    rows_safe = tl.where(row_ok, rows, 0)                                 # in-bounds loads; stores are masked
+    target = tl.load(target_ptr + rows_safe)
+    v_begin = split * v_per_split
+    v_end = tl.minimum(v_begin + v_per_split, V)
+    offs_k = tl.arange(0, BLOCK_K)
+    h_rows = hidden_ptr + rows_safe.to(tl.int64)[:, None] * stride_hidden  # [BLOCK_M, 1]
+
+    max2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    sumexp = tl.zeros([BLOCK_M], tl.float32)
+    target_logit = tl.zeros([BLOCK_M], tl.float32)
+    for v0 in range(v_begin, v_end, BLOCK_N):
+        cols = v0 + tl.arange(0, BLOCK_N)                                 # [BLOCK_N] class ids
+        col_ok = cols < v_end
+        w_rows = weight_ptr + tl.where(col_ok, cols, v_begin).to(tl.int64)[:, None] * stride_weight
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)                    # [BLOCK_M, BLOCK_N] logits tile
+        for k0 in range(0, D, BLOCK_K):
+            k = k0 + offs_k
+            if EVEN_K:
+                a = tl.load(h_rows + k[None, :])
+                b = tl.load(w_rows + k[None, :])
+            else:
+                a = tl.load(h_rows + k[None, :], mask=k[None, :] < D, other=0.0)
+                b = tl.load(w_rows + k[None, :], mask=k[None, :] < D, other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + tl.where(col_ok, cols, v_begin)).to(tl.float32)[None, :]
+        z = acc.to(hidden_ptr.dtype.element_ty).to(tl.float32)            # logits in the input dtype
+        # a column past v_end can only equal a target of another split, whose logit is not stored here
+        target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
+        z2 = tl.where(col_ok[None, :], z * LOG2E, float("-inf"))
+        new_max2 = tl.maximum(max2, tl.max(z2, axis=1))
+        sumexp = sumexp * tl.exp2(max2 - new_max2) + tl.sum(tl.exp2(z2 - new_max2[:, None]), axis=1)
+        max2 = new_max2
+
+    tl.store(max2_ptr + split * N + rows, max2, mask=row_ok)
+    tl.store(sumexp_ptr + split * N + rows, sumexp, mask=row_ok)
+    has_target = row_ok & (target >= v_begin) & (target < v_end)
+    tl.store(target_logit_ptr + rows, target_logit, mask=has_target)
+
+
+lse_forward_kernel = triton.autotune(configs=configs("lse_forward"), key=["D", "v_per_split", "n_bucket"])(
+    lse_forward_kernel_jit
+)
