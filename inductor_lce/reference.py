@@ -94,7 +94,7 @@ def lce_backward_reference(
     grad_hidden = torch.empty_like(hidden)
     acc_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
     grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
-    grad_bias = None if bias is None else torch.zeros(V, dtype=torch.float32, device=weight.device)
+    grad_bias = None if bias is None else torch.zeros(V, dtype=acc_dtype, device=weight.device)
     for start in range(0, N, chunk):
         rows = slice(start, min(start + chunk, N))
         h = hidden[rows]
@@ -109,6 +109,6 @@ def lce_backward_reference(
         grad_hidden[rows] = grad_logits_lp @ weight
         grad_weight.addmm_(grad_logits_lp.t().to(acc_dtype), h.to(acc_dtype))
         if grad_bias is not None:
-            grad_bias += grad_logits_lp.float().sum(0)
+            grad_bias += grad_logits_lp.to(acc_dtype).sum(0)
     grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
     return grad_hidden, grad_weight.to(weight.dtype), grad_bias
