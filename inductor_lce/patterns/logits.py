@@ -99,8 +99,11 @@ def match_logits_chain(logits: Node) -> LogitsChain:
         elif is_op(node, aten.slice.Tensor):
             s = _slice_args(node, len(shape(node.args[0])))
             if s.dim == len(s.input_shape) - 1:
-                raise NoMatch("logits_path_op", "slice over the classes")
-            slices.append(s)
+                if shape(node) != s.input_shape:
+                    raise NoMatch("logits_path_op", "slice over the classes")
+                # logits[..., :] kept as a no-op slice under dynamic shapes
+            else:
+                slices.append(s)
         else:
             raise NoMatch("logits_path_op", str(node.target))
         node = node.args[0]
