@@ -31,7 +31,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch.fx import Graph, Node
 
 from . import ops  # noqa: F401  (registers torch.ops.inductor_lce)
-from .patterns.common import NoMatch, aten, is_op, shape
+from .patterns.common import NoMatch, aten, is_op, same_size, shape
 from .patterns.log_softmax import LogSoftmax, match_log_softmax, match_log_softmax_backward, aliases
 from .patterns.logits import LogitsChain, LogitsGrad, match_logits_chain, match_logits_grad
 from .patterns.nll import NllBackward, NllForward, match_nll_backward, match_nll_forward
@@ -88,9 +88,9 @@ def analyze(site: Site) -> Site:
         if any(u.op == "output" for u in node.users):
             raise NoMatch("logits_returned", f"{node.name} is a graph output")
     for node in site.chain.nodes[:-1]:
-        if any(u not in site.chain.nodes for u in node.users):
+        if any(u not in site.chain.nodes and not is_op(u, aten.sym_size.int) for u in node.users):
             raise NoMatch("logits_other_users", f"{node.name} is read outside the loss")
-    if any(u not in lsm.nodes for u in lsm.input.users):
+    if any(u not in lsm.nodes and not is_op(u, aten.sym_size.int) for u in lsm.input.users):
         raise NoMatch("logits_other_users", f"{lsm.input.name} is read outside the loss")
     backwards = match_log_softmax_backward(lsm)
     if len(backwards) > 1:
@@ -131,6 +131,8 @@ def _region(site: Site) -> tuple:
         lsm_bwd, nll_bwd, grad = site.backward
         internal += nll_bwd.nodes + lsm_bwd.nodes + grad.nodes
         outputs += [n for n in (grad.grad_hidden, grad.grad_weight, grad.grad_bias) if n is not None]
+    # sizes read off region nodes (dynamic shapes); rewrite() re-points the ones still needed
+    internal += [u for n in internal for u in n.users if is_op(u, aten.sym_size.int)]
     return list(dict.fromkeys(internal)), outputs
 
 
@@ -139,7 +141,7 @@ def _check_users(site: Site) -> None:
     allowed = set(internal) | set(outputs)
     for node in internal:
         for user in node.users:
-            if user in allowed:
+            if user in allowed or is_op(node, aten.sym_size.int):
                 continue
             raise NoMatch("logits_other_users", f"{node.name} is also read by {user.name}")
 
@@ -255,6 +257,25 @@ def rewrite(graph: Graph, site: Site, fake_mode) -> None:
             grad_bias = emit(anchor, operator.getitem, outs, 2)
             grad_bias = emit(anchor, aten.reshape.default, grad_bias, list(shape(grad.grad_bias)))
             grad.grad_bias.replace_all_uses_with(grad_bias)
+    _repoint_sizes(site, [loss_tok, nll.target, chain.hidden])
+
+
+def _repoint_sizes(site: Site, sources: list) -> None:
+    """A size read off a dying [N, V] node (``sym_size(logits, 0)``) that something outside the
+    region still needs is read instead off a surviving tensor with the same symbolic size."""
+    internal, outputs = _region(site)
+    region = set(internal) | set(outputs)
+    for node in internal:
+        if not is_op(node, aten.sym_size.int) or all(u in region for u in node.users):
+            continue
+        size = node.meta["val"]
+        for src in sources:
+            dims = [d for d, s in enumerate(src.meta["val"].shape) if same_size(s, size)]
+            if dims:
+                node.args = (src, dims[0])
+                break
+        else:
+            raise NoMatch("dynamic_size_use", f"{node.name} has no surviving source")
 
 
 
@@ -332,6 +353,10 @@ class LinearCrossEntropyPass(CustomGraphPass):
             try:
                 rewrite(graph, site, fake_mode)
                 _erase_dead(graph, site)
+            except NoMatch as e:
+                _restore(graph, snapshot)
+                self._skip(site, e.reason, e.detail)
+                return  # nodes of later sites belong to the discarded graph
             except Exception as e:
                 _restore(graph, snapshot)
                 log.warning("inductor_lce: rewrite failed on %s, graph left as it was: %r", site.name, e,

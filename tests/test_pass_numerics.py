@@ -120,3 +120,26 @@ def test_inference_no_grad(pattern):
         got = compiled(h, w, y)
     assert rewrites() == 1
     torch.testing.assert_close(got, pattern(h.detach(), w.detach(), y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pattern", [P.plain_2d, P.view_3d, P.shift_slice, P.shift_pad], ids=lambda p: p.__name__)
+def test_dynamic_shapes_one_graph_for_all_lengths(pattern):
+    compiled, rec = compile_recorded(pattern, dynamic=True)
+    for seq in (5, 9, 14):
+        h, w, y = _inputs(pattern, torch.float32, -100, seed=seq, n_tokens=(2, seq))
+        got = _run(compiled, h, w, y)
+        eager = _run(pattern, h, w, y)
+        for a, e in zip(got, eager):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    assert rewrites() == 1, skips()          # compiled once, rewritten once
+    assert len(rec["joint_before"].graphs) == 1
+
+
+def test_mark_dynamic_token_dim():
+    compiled, rec = compile_recorded(P.shift_slice)
+    for seq in (6, 10):
+        h, w, y = _inputs(P.shift_slice, torch.bfloat16, -100, seed=seq, n_tokens=(2, seq))
+        torch._dynamo.mark_dynamic(h, 1)
+        torch._dynamo.mark_dynamic(y, 1)
+        _run(compiled, h, w, y)
+    assert rewrites() == 1 and len(rec["joint_before"].graphs) == 1

@@ -80,3 +80,14 @@ def normalize_dim(dim: int, ndim: int) -> int:
 def only_user(node: Node) -> Optional[Node]:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
+
+
+def same_size(a, b) -> bool:
+    """Sizes equal by value (ints) or by symbolic expression (SymInts), without adding guards."""
+    if isinstance(a, int) or isinstance(b, int):
+        return isinstance(a, int) and isinstance(b, int) and a == b
+    return a.node.expr == b.node.expr
+
+
+def same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))

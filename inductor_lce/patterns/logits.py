@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch.fx import Node
 
-from .common import NoMatch, aten, dtype, is_op, is_zeros, normalize_dim, only_user, prims, shape
+from .common import NoMatch, aten, dtype, is_op, is_zeros, normalize_dim, only_user, prims, same_shape, same_size, shape
 
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _COPIES = (aten.clone.default, aten.alias.default)
@@ -99,7 +99,7 @@ def match_logits_chain(logits: Node) -> LogitsChain:
         elif is_op(node, aten.slice.Tensor):
             s = _slice_args(node, len(shape(node.args[0])))
             if s.dim == len(s.input_shape) - 1:
-                if shape(node) != s.input_shape:
+                if not same_shape(shape(node), s.input_shape):
                     raise NoMatch("logits_path_op", "slice over the classes")
                 # logits[..., :] kept as a no-op slice under dynamic shapes
             else:
@@ -107,13 +107,14 @@ def match_logits_chain(logits: Node) -> LogitsChain:
         else:
             raise NoMatch("logits_path_op", str(node.target))
         node = node.args[0]
-        if not isinstance(node, Node) or not shape(node) or shape(node)[-1] != num_classes:
+        if not isinstance(node, Node) or not shape(node) or not same_size(shape(node)[-1], num_classes):
             raise NoMatch("logits_path_op", "class dimension changes")
         nodes.append(node)
     matmul = node
     if is_op(matmul, aten.addmm.default):
         bias, hidden, weight_t = matmul.args[:3]
-        if matmul.kwargs.get("beta", 1) != 1 or matmul.kwargs.get("alpha", 1) != 1 or shape(bias) != (num_classes,):
+        if matmul.kwargs.get("beta", 1) != 1 or matmul.kwargs.get("alpha", 1) != 1 \
+                or not same_shape(shape(bias), (num_classes,)):
             raise NoMatch("matmul_form", "addmm with scaling or broadcast bias")
     else:
         bias, (hidden, weight_t) = None, matmul.args
@@ -149,7 +150,8 @@ def match_logits_grad(grad_logits: Node, chain: LogitsChain) -> LogitsGrad:
             start = 0 if rest[0] is None else rest[0]
             end = _SLICE_END_MAX if rest[1] is None else rest[1]
             step = 1 if rest[2] is None else rest[2]
-            slices.append(Slice(dim, start, end, step, shape(user)))
+            if not (dim == len(shape(user)) - 1 and same_shape(shape(user.args[1]), shape(user))):  # no-op
+                slices.append(Slice(dim, start, end, step, shape(user)))
             nodes.append(user.args[0])
         elif is_op(user, aten.slice_backward.default):
             _, input_sizes, dim, start, end, step = user.args
@@ -158,11 +160,12 @@ def match_logits_grad(grad_logits: Node, chain: LogitsChain) -> LogitsGrad:
             break
         node = user
         nodes.append(node)
-    if shape(node) != mm_shape:
+    if not same_shape(shape(node), mm_shape):
         raise NoMatch("logits_grad_form", "gradient does not reach the matmul's shape")
-    if [(s.dim, s.start, s.end, s.step, s.input_shape) for s in reversed(slices)] != [
-        (s.dim, s.start, s.end, s.step, s.input_shape) for s in chain.slices
-    ]:
+    if len(slices) != len(chain.slices) or not all(
+        (b.dim, b.start, b.end, b.step) == (f.dim, f.start, f.end, f.step) and same_shape(b.input_shape, f.input_shape)
+        for b, f in zip(reversed(slices), chain.slices)
+    ):
         raise NoMatch("logits_grad_form", "backward slices do not mirror the forward")
     grad = LogitsGrad(node, None, None, False, None, nodes)
     for user in list(node.users):

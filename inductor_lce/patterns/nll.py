@@ -18,15 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from torch.fx import Node
 
-from .common import NoMatch, aten, is_op, is_scalar_value, is_zeros, shape
+from .common import NoMatch, aten, is_op, is_scalar_value, is_zeros, same_shape, shape
 
 
 @dataclass
 class NllForward:
     target: Node                                  # [N] int64 labels (in log-softmax row order)
-    ignore_index: int
+    ignore_index: object                          # int, or a Node holding a SymInt
     loss_tok: Node                                # [N] fp32 per-token loss, 0 where ignored
     nodes: list = field(default_factory=list)     # gather .. neg (not loss_tok)
 
@@ -36,6 +37,10 @@ class NllBackward:
     grad_tok: Node                                # [N, 1] fp32, already 0 where ignored
     grad_lsm: Node                                # [N, V]
     nodes: list = field(default_factory=list)
+
+
+def _same_index(a, b) -> bool:
+    return a is b if isinstance(a, Node) or isinstance(b, Node) else a == b
 
 
 def _unsqueezed(node: Node) -> Optional[Node]:
@@ -50,7 +55,9 @@ def valid_mask(node: Node, target: Optional[Node] = None):
     if not is_op(node, aten.ne.Scalar):
         return None
     t, ignore_index = node.args
-    if not isinstance(ignore_index, int):
+    # an int, or a SymInt graph input when dynamic=True makes the caller's ignore_index symbolic
+    if not (isinstance(ignore_index, int) or (isinstance(ignore_index, Node) and isinstance(
+            ignore_index.meta.get("val"), torch.SymInt))):
         return None
     base = _unsqueezed(t) or t
     if target is not None and base is not target:
@@ -88,7 +95,7 @@ def match_nll_forward(gather: Node, lsm: Node) -> NllForward:
         raise NoMatch("log_softmax_other_users")
     squeeze = users[0]
     if not (is_op(squeeze, aten.squeeze.dim, aten.squeeze.dims, aten.view.default, aten.reshape.default)
-            and shape(squeeze) == shape(target)):
+            and same_shape(shape(squeeze), shape(target))):
         raise NoMatch("nll_form")
     if len(squeeze.users) != 1 or not is_op(next(iter(squeeze.users)), aten.neg.default):
         raise NoMatch("nll_form")
@@ -99,7 +106,7 @@ def match_nll_forward(gather: Node, lsm: Node) -> NllForward:
     if not (is_op(loss_tok, aten.where.self) and loss_tok.args[1] is neg and is_scalar_value(loss_tok.args[2], 0)):
         raise NoMatch("nll_form", "class weights or unmasked loss")
     m = valid_mask(loss_tok.args[0], target)
-    if m is None or m[1] != ignore_index:
+    if m is None or not _same_index(m[1], ignore_index):
         raise NoMatch("nll_form")
     return NllForward(target, ignore_index, loss_tok, [gather, squeeze, neg])
 
@@ -113,12 +120,12 @@ def match_nll_backward(grad_lsm: Node, fwd: NllForward) -> NllBackward:
             and is_zeros(scatter.args[0]) and len(scatter.users) == 1):
         raise NoMatch("nll_backward_form")
     safe = _safe_index(scatter.args[2])
-    if safe is None or safe[0] is not fwd.target or safe[1] != fwd.ignore_index:
+    if safe is None or safe[0] is not fwd.target or not _same_index(safe[1], fwd.ignore_index):
         raise NoMatch("nll_backward_form")
     # grad_tok must be masked by the same condition, so ignored rows get no gradient.
     if not (is_op(grad_tok, aten.where.self) and is_scalar_value(grad_tok.args[2], 0)):
         raise NoMatch("nll_backward_form", "per-token gradient is not masked")
     m = valid_mask(grad_tok.args[0], fwd.target)
-    if m is None or m[1] != fwd.ignore_index or shape(grad_tok) != (shape(fwd.target)[0], 1):
+    if m is None or not _same_index(m[1], fwd.ignore_index) or not same_shape(shape(grad_tok), (shape(fwd.target)[0], 1)):
         raise NoMatch("nll_backward_form")
     return NllBackward(grad_tok, grad_lsm, [scatter.args[0], scatter, grad_lsm])
