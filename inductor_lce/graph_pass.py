@@ -22,7 +22,7 @@ import logging
 import operator
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -55,6 +55,7 @@ class Site:
     chain: Optional[LogitsChain] = None
     nll: Optional[NllForward] = None
     backward: Optional[tuple] = None          # (LogSoftmaxBackward, NllBackward, LogitsGrad)
+    post_views: list = field(default_factory=list)  # views from log-probs to what the nll reads
 
     @property
     def name(self) -> str:
@@ -65,7 +66,7 @@ class Site:
 
 
 def find_sites(graph: Graph) -> list:
-    """Every log-softmax over the classes of a 2-D input: a candidate cross-entropy."""
+    """Every log-softmax over the classes: a candidate cross-entropy."""
     sites = []
     for node in graph.nodes:
         try:
@@ -78,13 +79,21 @@ def find_sites(graph: Graph) -> list:
 def analyze(site: Site) -> Site:
     """Fill ``site`` with the matched region or raise ``NoMatch``; never mutates."""
     lsm = site.log_softmax
-    _check_log_softmax_users(lsm)
-    gathers = [u for u in lsm.output.users if is_op(u, aten.gather.default)]
+    # log_softmax(logits [B, T, V]).flatten(0, 1) -> nll_loss: views between log-probs and loss
+    log_probs = lsm.output
+    while True:
+        views = [u for u in log_probs.users if is_op(u, *_ROW_VIEWS)]
+        if len(views) != 1 or not same_size(shape(views[0])[-1], shape(log_probs)[-1]):
+            break
+        log_probs = views[0]
+        site.post_views.append(log_probs)
+    _check_log_softmax_users(lsm, site.post_views)
+    gathers = [u for u in log_probs.users if is_op(u, aten.gather.default)]
     if len(gathers) != 1:
         raise NoMatch("no_nll" if not gathers else "log_softmax_other_users")
-    site.nll = match_nll_forward(gathers[0], lsm.output)
+    site.nll = match_nll_forward(gathers[0], log_probs)
     site.chain = match_logits_chain(lsm.input)
-    for node in site.chain.nodes + lsm.nodes + site.nll.nodes:
+    for node in site.chain.nodes + lsm.nodes + site.post_views + site.nll.nodes:
         if any(u.op == "output" for u in node.users):
             raise NoMatch("logits_returned", f"{node.name} is a graph output")
     for node in site.chain.nodes[:-1]:
@@ -97,20 +106,27 @@ def analyze(site: Site) -> Site:
         raise NoMatch("log_softmax_other_users", "several backward uses")
     if backwards:
         lsm_bwd = backwards[0]
-        nll_bwd = match_nll_backward(lsm_bwd.grad_output, site.nll)
+        grad_log_probs = lsm_bwd.grad_output
+        for _ in site.post_views:  # the mirror views, from the loss's [N', V] back to log-probs
+            if not is_op(grad_log_probs, *_ROW_VIEWS):  # other users: caught by _check_users
+                raise NoMatch("log_softmax_backward_form", "views do not mirror the forward")
+            lsm_bwd.nodes.append(grad_log_probs)
+            grad_log_probs = grad_log_probs.args[0]
+        nll_bwd = match_nll_backward(grad_log_probs, site.nll)
         logits_grad = match_logits_grad(lsm_bwd.grad_input, site.chain)
         site.backward = (lsm_bwd, nll_bwd, logits_grad)
     _check_users(site)
     return site
 
 
-def _check_log_softmax_users(lsm: LogSoftmax) -> None:
+def _check_log_softmax_users(lsm: LogSoftmax, post_views: list) -> None:
     """In the forward, log-probs feed one gather (and aliases saved for backward); say why not."""
     for node in lsm.nodes[:-1]:
         if any(u not in lsm.nodes for u in node.users):
             raise NoMatch("log_softmax_other_users", f"{node.name} is read outside the log-softmax")
-    for user in lsm.output.users:
-        if is_op(user, aten.gather.default, aten.alias.default):
+    log_probs = [lsm.output] + post_views
+    for user in [u for n in log_probs for u in n.users]:
+        if is_op(user, aten.gather.default, aten.alias.default) or user in post_views:
             continue
         if is_op(user, torch.ops.prims.convert_element_type.default):
             raise NoMatch("not_fp32", "log-softmax computed in low precision (no .float() before the loss)")
@@ -124,7 +140,7 @@ def _check_log_softmax_users(lsm: LogSoftmax) -> None:
 
 def _region(site: Site) -> tuple:
     """(internal nodes, boundary outputs): internal nodes may only feed the region."""
-    internal = list(site.chain.nodes) + list(site.log_softmax.nodes) + list(site.nll.nodes)
+    internal = list(site.chain.nodes) + list(site.log_softmax.nodes) + site.post_views + list(site.nll.nodes)
     internal += [a for a in aliases(site.log_softmax.output) if a is not site.log_softmax.output]
     outputs = [site.nll.loss_tok]
     if site.backward:
@@ -196,14 +212,17 @@ def _ops_for(device_type: str):
     return torch.ops.inductor_lce.lce_forward.default, torch.ops.inductor_lce.lce_backward.default
 
 
-def _row_index(emit: _Emitter, anchor: Node, chain: LogitsChain) -> Node:
+_ROW_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default)
+
+
+def _row_index(emit: _Emitter, anchor: Node, chain: LogitsChain, post_views: list) -> Node:
     """[N'] int64: for each logits row the loss reads, its row in the matmul output.
     Replays the forward path on ``arange(N)`` with the class dim replaced by 1."""
     n_rows = emit.size(anchor, chain.matmul, 0)
     rows = emit(anchor, torch.ops.prims.iota.default, n_rows, start=0, step=1, dtype=torch.int64,
                 device=chain.matmul.meta["val"].device, requires_grad=False)
     node = emit(anchor, aten.view.default, rows, [n_rows, 1])
-    for step in chain.nodes[1:]:
+    for step in chain.nodes[1:] + post_views:
         if is_op(step, aten.slice.Tensor):
             node = emit(anchor, aten.slice.Tensor, node, *step.args[1:], **step.kwargs)
         elif is_op(step, aten.view.default, aten.reshape.default, aten._unsafe_view.default):
@@ -224,7 +243,7 @@ def rewrite(graph: Graph, site: Site, fake_mode) -> None:
     if chain.slices:
         # The loss reads a subset of the matmul's rows (logits[..., :-1, :]): score every
         # row, with ignore_index on the rows the loss does not read.
-        row_index = _row_index(emit, anchor, chain)
+        row_index = _row_index(emit, anchor, chain, site.post_views)
         n_rows = emit.size(anchor, chain.matmul, 0)
         filled = emit(anchor, aten.full.default, [n_rows], nll.ignore_index, dtype=torch.int64,
                       device=target.meta["val"].device)

@@ -42,10 +42,11 @@ def _is_class_dim(dims, ndim: int) -> bool:
 
 
 def match_log_softmax(node: Node) -> LogSoftmax:
-    """``node`` is the log-softmax output; classes on the last dim of a 2-D input."""
+    """``node`` is the log-softmax output; classes on the last dim (2-D, or [B, T, V] when the
+    user calls log_softmax before flattening)."""
     if is_op(node, aten._log_softmax.default):
         x, dim, half_to_float = node.args
-        if len(shape(x)) != 2 or not _is_class_dim(dim, 2) or half_to_float:
+        if len(shape(x)) < 2 or not _is_class_dim(dim, len(shape(x))) or half_to_float:
             raise NoMatch("log_softmax_layout")
         return LogSoftmax(x, node, [node])
     if not is_op(node, aten.sub.Tensor):
@@ -62,7 +63,8 @@ def match_log_softmax(node: Node) -> LogSoftmax:
     x, amax = shifted.args
     if not (is_op(amax, aten.amax.default) and amax.args[0] is x):
         raise NoMatch("not_log_softmax")
-    if len(shape(x)) != 2 or not (_is_class_dim(amax.args[1], 2) and _is_class_dim(total.args[1], 2)):
+    ndim = len(shape(x))
+    if ndim < 2 or not (_is_class_dim(amax.args[1], ndim) and _is_class_dim(total.args[1], ndim)):
         raise NoMatch("log_softmax_layout")
     if len(amax.args) < 3 or not amax.args[2]:
         raise NoMatch("not_log_softmax")
@@ -95,7 +97,7 @@ def match_log_softmax_backward(lsm: LogSoftmax) -> list:
     for a in aliases(lsm.output):
         for u in a.users:
             if is_op(u, aten._log_softmax_backward_data.default):
-                if u.args[1] is a and _is_class_dim(u.args[2], 2):
+                if u.args[1] is a and _is_class_dim(u.args[2], len(shape(a))):
                     found.append(LogSoftmaxBackward(u.args[0], u, [u]))
             elif is_op(u, aten.exp.default) and a is not lsm.output:
                 found.append(_match_decomposed_backward(u))
@@ -107,7 +109,7 @@ def _match_decomposed_backward(exp: Node) -> LogSoftmaxBackward:
     if not is_op(mul, aten.mul.Tensor):
         raise NoMatch("log_softmax_backward_form")
     total = mul.args[1] if mul.args[0] is exp else mul.args[0]
-    if not (is_op(total, aten.sum.dim_IntList) and _is_class_dim(total.args[1], 2) and total.args[2]):
+    if not (is_op(total, aten.sum.dim_IntList) and _is_class_dim(total.args[1], len(shape(mul))) and total.args[2]):
         raise NoMatch("log_softmax_backward_form")
     grad = total.args[0]
     subs = [u for u in mul.users if is_op(u, aten.sub.Tensor) and u.args == (grad, mul)]
