@@ -7,6 +7,7 @@ graph into custom ops that never materialize the [N, V] logits.
 """
 from . import ops
 from .entry import install, is_installed, options, uninstall
+from .explain import explain
 from .graph_pass import LinearCrossEntropyPass
 from .ops import linear_cross_entropy
 
@@ -17,6 +18,7 @@ except ImportError:
 
 __all__ = [
     "LinearCrossEntropyPass",
+    "explain",
     "install",
     "is_installed",
     "linear_cross_entropy",

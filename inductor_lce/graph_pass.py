@@ -58,11 +58,16 @@ class Site:
     post_views: list = field(default_factory=list)  # views from log-probs to what the nll reads
 
     @property
+    def location(self) -> str:
+        """The user's source line that computed the log-softmax (from the node's stack trace)."""
+        trace = (self.log_softmax.output.meta.get("stack_trace") or "").strip().splitlines()
+        frames = [l.strip() for l in trace if l.strip().startswith("File ")]
+        return frames[-1] if frames else ""
+
+    @property
     def name(self) -> str:
-        node = self.log_softmax.output
-        trace = (node.meta.get("stack_trace") or "").strip().splitlines()
-        where = next((l.strip() for l in reversed(trace) if l.strip().startswith("File ")), "")
-        return f"{node.name}" + (f" ({where})" if where else "")
+        where = self.location
+        return self.log_softmax.output.name + (f" ({where})" if where else "")
 
 
 def find_sites(graph: Graph) -> list:
@@ -330,6 +335,15 @@ def _count(key: str, n: int = 1) -> None:
     counters["inductor_lce"][key] += n
 
 
+# Every decision on a site, for ``inductor_lce.explain``: dicts with site, where, decision, reason, detail.
+REPORT: list = []
+
+
+def _report(site: Site, decision: str, reason: str, detail: str = "") -> None:
+    REPORT.append(dict(site=site.log_softmax.output.name, where=site.location, decision=decision,
+                       reason=reason, detail=detail))
+
+
 class LinearCrossEntropyPass(CustomGraphPass):
     """Rewrite ``cross_entropy(linear(h, W).float(), labels)`` into the fused ops.
 
@@ -384,12 +398,14 @@ class LinearCrossEntropyPass(CustomGraphPass):
                 # nodes of later sites belong to the discarded graph: stop here
                 return
             _count("rewrites")
+            _report(site, "rewritten", "forward+backward" if site.backward else "forward")
             kind = "forward+backward" if site.backward else "forward"
             log.info("inductor_lce: rewrote cross-entropy %s (%s)", site.name, kind)
 
     def _skip(self, site: Site, reason: str, detail: str = "") -> None:
         global _warned_post_grad_training
         _count(f"skip_{reason}")
+        _report(site, "skipped", reason, detail)
         log.info("inductor_lce: cross-entropy %s not rewritten: %s%s", site.name, reason,
                  f" ({detail})" if detail else "")
         if reason == "post_grad_training" and not _warned_post_grad_training:
