@@ -8,8 +8,10 @@ The loss is written the naive Hugging Face way (``lm_head(x).float()``, shift, t
 checks that the pass rewrote the graph, that both variants give the same loss at every
 step (within a stated tolerance), and reports the peak memory of each:
 
-* CUDA: ``torch.cuda.max_memory_allocated``;
-* CPU: the peak resident set size (``ru_maxrss``) of a separate process per variant.
+* CUDA: ``torch.cuda.max_memory_allocated`` over the steps after the first (compiling);
+* CPU: the peak resident set size of a separate process per variant, over the whole
+  process (``ru_maxrss``) and over the steps after the first (Linux ``VmHWM``, reset
+  through ``/proc/self/clear_refs``).
 
 Each variant always runs in its own subprocess (``--variant plain|lce``), so neither
 shares compile caches, counters or allocator state with the other.
@@ -34,7 +36,7 @@ VARIANTS = {"plain": "torch.compile", "lce": "inductor_lce"}
 # Loss agreement between the variants, per step: |plain - lce| <= ATOL + RTOL * |plain|.
 # Both compute the same math; they differ only in summation order (the pass computes
 # the logits in row chunks) and that difference grows a little with each optimizer step.
-TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (1e-2, 1e-2)}
+TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (1e-3, 1e-3)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MB = 1e6
 
@@ -155,7 +157,7 @@ def run_variant(args) -> dict:
         opt.step()
         losses.append(loss.item())  # .item() synchronizes
         times.append(time.perf_counter() - t0)
-        print(f"  [{args.variant}] step {step + 1}: loss {losses[-1]:.6f} ({times[-1]:.1f} s)",
+        print(f"  [{args.variant}] step {step + 1}: loss {losses[-1]:.6f} ({_fmt_s(times[-1])})",
               file=sys.stderr, flush=True)
 
     if cuda:  # compiling allocates no device memory: the steps are the whole story
@@ -188,6 +190,10 @@ def _child_cmd(args, variant: str, out_path: str) -> list[str]:
 
 def _fmt_mb(x) -> str:
     return "n/a" if x is None else f"{x:,.0f} MB"
+
+
+def _fmt_s(t: float) -> str:
+    return f"{t:.2f} s" if t >= 0.1 else f"{t * 1e3:.1f} ms"
 
 
 def main(argv=None) -> int:
@@ -224,8 +230,9 @@ def main(argv=None) -> int:
     print(f"inductor_lce demo: {args.layers}-layer LM, d_model {args.d_model}, vocab {args.vocab}, "
           f"batch {args.batch} x seq {args.seq} = {n_tokens} tokens, {args.dtype}, {args.device}, "
           f"SGD, {args.steps} steps; torch {torch.__version__}")
-    print(f"fp32 logits [{n_tokens}, {args.vocab}] that a plain compile materializes: "
-          f"{logits_mb:,.1f} MB per copy\n", flush=True)
+    low = "" if dtype == torch.float32 else f", {logits_mb / 2:,.1f} MB in {args.dtype}"
+    print(f"logits [{n_tokens}, {args.vocab}] that a plain compile materializes: "
+          f"{logits_mb:,.1f} MB per fp32 copy{low}\n", flush=True)
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -255,7 +262,7 @@ def main(argv=None) -> int:
     print()
 
     both = lambda fmt, key: (fmt(plain[key]), fmt(lce[key]))  # noqa: E731
-    mean_later = lambda t: f"{sum(t[1:]) / len(t[1:]):.2f} s"  # noqa: E731
+    mean_later = lambda t: _fmt_s(sum(t[1:]) / len(t[1:]))  # noqa: E731
     mem = "GPU allocated" if plain["peak_kind"] == "cuda" else "RSS"
     rows = [("", VARIANTS["plain"], VARIANTS["lce"]),
             ('rewrites (counters["inductor_lce"])', *both(str, "rewrites"))]
@@ -263,7 +270,7 @@ def main(argv=None) -> int:
         rows.append(("peak RSS of the process (ru_maxrss)", *both(_fmt_mb, "process_peak_mb")))
     rows += [(f"{mem} when step 2 starts", *both(_fmt_mb, "start_mb")),
              (f"peak {mem} during steps 2+", *both(_fmt_mb, "steady_peak_mb")),
-             ("first step (compile + run)", *both(lambda t: f"{t[0]:.1f} s", "times")),
+             ("first step (compile + run)", *both(lambda t: _fmt_s(t[0]), "times")),
              ("time per step, steps 2+", *both(mean_later, "times"))]
     _print_table(rows)
 

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ._config import LOG2E, configs
+from ._rounding import round_to
 
 
 @triton.jit
@@ -61,7 +62,7 @@ def grad_logits_kernel_jit(
         acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-    z = acc.to(hidden_ptr.dtype.element_ty).to(tl.float32)              # logits in the input dtype
+    z = round_to(acc, hidden_ptr.dtype.element_ty, DOT_FP32).to(tl.float32)  # logits in the input dtype
 
     target = tl.load(target_ptr + rows_safe)
     lse = tl.load(lse_ptr + rows_safe)
@@ -71,7 +72,7 @@ def grad_logits_kernel_jit(
         g_total += tl.load(grad_lse_ptr + rows_safe)
     prob = tl.exp2(z * LOG2E - (lse * LOG2E)[:, None])
     grad = prob * g_total[:, None] - tl.where(cols[None, :] == target[:, None], g[:, None], 0.0)
-    grad = grad.to(grad_logits_ptr.dtype.element_ty)
+    grad = round_to(grad, grad_logits_ptr.dtype.element_ty, DOT_FP32)
     out = grad_logits_ptr + rows_safe.to(tl.int64)[:, None] * stride_out + j[None, :]
     tl.store(out, grad, mask=row_ok[:, None] & col_ok[None, :])
     if HAS_BIAS:

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ._config import LOG2E, row_configs
+from ._rounding import round_to
 
 
 @triton.jit
@@ -21,7 +22,7 @@ def grad_logits_inplace_kernel_jit(
     logits_ptr, target_ptr, lse_ptr, grad_loss_ptr, grad_lse_ptr,   # [N, slab] in/out, [N] x4
     grad_bias_ptr,                                                  # [V] fp32, accumulated
     N, slab, v_begin, stride_logits, ignore_index,
-    HAS_BIAS: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, EMULATE_ROUNDING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -39,7 +40,7 @@ def grad_logits_inplace_kernel_jit(
         g_total += tl.load(grad_lse_ptr + rows_safe)
     prob = tl.exp2(z * LOG2E - (lse * LOG2E)[:, None])
     grad = prob * g_total[:, None] - tl.where((v_begin + j)[None, :] == target[:, None], g[:, None], 0.0)
-    grad = grad.to(logits_ptr.dtype.element_ty)
+    grad = round_to(grad, logits_ptr.dtype.element_ty, EMULATE_ROUNDING)
     tl.store(ptrs, grad, mask=mask)
     if HAS_BIAS:
         col_sum = tl.sum(tl.where(mask, grad.to(tl.float32), 0.0), axis=0)

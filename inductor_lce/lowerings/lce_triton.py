@@ -1,17 +1,19 @@
-"""Host side of the Triton lowering: the slab loops, the workspace plan and the two ``triton_op``s.
+"""Host side of the Triton lowering: the slab loops, the workspace plan and the two ops' implementations.
 
 Forward (one launch):   lse_forward kernel over [N, V] in V-splits -> (max2, sumexp) partials [SPLITS, N]
                         and target_logit [N]; torch combines them into lse [N] and loss [N].
 Backward (per V-slab of ``slab`` classes, in order):
-    grad_logits  = grad_logits kernel (logits recomputed by tl.dot, softmax-grad epilogue)   # [N, slab] dtype
-    grad_weight[slab] = grad_logits.T @ hidden                         # cuBLAS, one matmul over all N: exact
-    grad_hidden (+)= grad_logits @ weight[slab]                        # grad_hidden kernel, fp32 or compensated state
+    grad_logits       = F.linear(hidden, weight[slab]) by cuBLAS, turned into grad_logits in place by the
+                        grad_logits_inplace kernel (or, Settings.grad_logits="fused", the grad_logits kernel
+                        recomputing the logits by tl.dot)                                  # [N, slab] dtype
+    grad_weight[slab] = grad_logits.T @ hidden          # cuBLAS, one matmul over all N, into the output: exact
+    grad_hidden      += grad_logits @ weight[slab]      # grad_hidden kernel: fp32 or compensated bf16 state
 That is 4 GEMMs of N*D*V (forward logits, backward logits, grad_weight, grad_hidden) against the 3 of a
 logits-storing implementation: the lse needs a whole row of V before any grad_logits exists.
 
-Workspace (bytes beyond the outputs), ``Settings.workspace_bytes`` (default 56 MiB):
-    grad_hidden state (N*D*4 fp32 or N*D*1 int8 compensation) + slab * (N + D) * itemsize
-(the D term is the [slab, D] grad_weight temporary Inductor uses when it traces the ``out=`` matmul).
+Workspace (bytes beyond the outputs), ``Settings.workspace_bytes`` (default 60 MiB):
+    grad_hidden state (N*D*4 fp32 or N*D*1 int8 compensation) + slab * N * itemsize (+ slab * D * itemsize
+    when traced: Inductor turns the ``out=`` grad_weight matmul into mm + copy through a temporary)
 
 Both functions run on real tensors (eager, via the ops' backend) and on fake tensors (tracing); under
 tracing, ``wrap_triton`` turns each launch into a node Inductor compiles and launches itself.
@@ -25,6 +27,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.library import wrap_triton
 
 import triton
 
@@ -46,10 +49,14 @@ def _env_mb(name: str, default: float) -> int:
 class Settings:
     """Knobs read when an op runs (eager) or is traced (compile). Environment variables set the defaults."""
 
-    workspace_bytes: int = _env_mb("INDUCTOR_LCE_WORKSPACE_MB", 56)
+    # bytes beyond the outputs for the backward's grad_hidden state + one grad_logits slab
+    workspace_bytes: int = _env_mb("INDUCTOR_LCE_WORKSPACE_MB", 60)
     forward: str = os.environ.get("INDUCTOR_LCE_FORWARD", "fused")              # fused | cublas
-    grad_logits: str = os.environ.get("INDUCTOR_LCE_GRAD_LOGITS", "fused")      # fused | cublas
+    grad_logits: str = os.environ.get("INDUCTOR_LCE_GRAD_LOGITS", "cublas")     # cublas | fused
     grad_hidden_state: str = os.environ.get("INDUCTOR_LCE_GRAD_HIDDEN_STATE", "auto")  # auto | fp32 | compensated
+    # >1 splits the tokens into row groups: wider slabs (less grad_hidden state traffic) for one extra
+    # bf16 accumulation of grad_weight per group (measured +15-25% grad_weight error: off by default)
+    row_groups: int = int(os.environ.get("INDUCTOR_LCE_ROW_GROUPS", "1"))
     check_targets: bool = os.environ.get("INDUCTOR_LCE_CHECK_TARGETS", "1") == "1"
 
 
@@ -57,15 +64,9 @@ SETTINGS = Settings()
 
 MODE_FP32, MODE_COMPENSATED = 0, 1
 _GROUP_M = 8
-# Column granularity of V-splits and slabs: a multiple of every BLOCK_N / BLOCK_K in the configs.
+# Column granularity of forward V-splits and of backward slabs (partial tiles are masked)
 _GRAIN = 32 if INTERPRET else 256
-
-
-def _launch(kernel):
-    """Kernel launcher: through ``wrap_triton`` so that tracing records it (a no-op wrapper in eager)."""
-    if INTERPRET:  # interpreted kernels are launched directly (CPU tests); nothing traces them
-        return kernel
-    return torch.library.wrap_triton(kernel)
+_SLAB_GRAIN = 32 if INTERPRET else 128
 
 
 def _hint(x) -> int:
@@ -106,6 +107,10 @@ def _max_block_k(kernel) -> int:
     return max(int(c.kwargs.get("BLOCK_K", 1)) for c in kernel.configs)
 
 
+def _max_block_n(kernel) -> int:
+    return max(int(c.kwargs.get("BLOCK_N", 1)) for c in kernel.configs)
+
+
 def _check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
     """Device-side check (no sync) that every scored target is a class id, like eager cross-entropy."""
     ok = (target == ignore_index) | ((target >= 0) & (target < num_classes))
@@ -129,32 +134,43 @@ def forward_splits(n_tokens: int, num_classes: int, num_sms: int) -> tuple[int, 
 
 @dataclass(frozen=True)
 class BackwardPlan:
-    mode: int            # MODE_FP32 or MODE_COMPENSATED
+    mode: int              # MODE_FP32 or MODE_COMPENSATED
     state_in_output: bool  # fp32 inputs: the fp32 state is grad_hidden itself
-    slab: int            # classes per V-slab
-    workspace_bytes: int  # state + one slab (+ the traced grad_weight temporary)
+    slab: int              # classes per V-slab
+    rows: int              # tokens per row group (N unless row_groups > 1)
+    workspace_bytes: int   # state + one slab (+ the traced grad_weight temporary)
 
 
 def plan_backward(n_tokens: int, dim: int, num_classes: int, dtype: torch.dtype,
-                  workspace: Optional[int] = None, state: Optional[str] = None) -> BackwardPlan:
+                  workspace: Optional[int] = None, state: Optional[str] = None,
+                  row_groups: Optional[int] = None, traced: bool = False) -> BackwardPlan:
+    """Slab width and grad_hidden state so that state + one [rows, slab] grad_logits buffer fit the workspace.
+
+    Traced (Inductor): the ``out=`` grad_weight matmul becomes mm + copy, so each class of the slab also
+    costs a [dim] temporary row."""
     workspace = SETTINGS.workspace_bytes if workspace is None else workspace
     state = SETTINGS.grad_hidden_state if state is None else state
+    groups = max(1, SETTINGS.row_groups if row_groups is None else row_groups)
+    rows = _cdiv(max(n_tokens, 1), groups)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    per_class = (n_tokens + dim) * itemsize
+    per_class = (rows + (dim if traced else 0)) * itemsize
     if dtype == torch.float32:
         mode, in_output, state_bytes = MODE_FP32, True, 0
-    elif state == "fp32" or (state == "auto" and n_tokens * dim * 4 <= workspace // 2):
-        mode, in_output, state_bytes = MODE_FP32, False, n_tokens * dim * 4
+    elif state == "fp32" or (state == "auto" and rows * dim * 4 <= workspace // 2):
+        mode, in_output, state_bytes = MODE_FP32, False, rows * dim * 4
     else:
-        mode, in_output, state_bytes = MODE_COMPENSATED, False, n_tokens * dim
-    slab = max(_GRAIN, (max(0, workspace - state_bytes) // per_class) // _GRAIN * _GRAIN)
-    slab = min(slab, _cdiv(num_classes, _GRAIN) * _GRAIN)
-    return BackwardPlan(mode, in_output, slab, state_bytes + slab * per_class)
+        mode, in_output, state_bytes = MODE_COMPENSATED, False, rows * dim
+    slab = (max(0, workspace - state_bytes) // per_class) // _SLAB_GRAIN * _SLAB_GRAIN
+    slab = min(max(_SLAB_GRAIN, slab), _cdiv(num_classes, _SLAB_GRAIN) * _SLAB_GRAIN)
+    return BackwardPlan(mode, in_output, slab, rows, state_bytes + slab * per_class)
 
 
-def _lo_step(dtype: torch.dtype) -> float:
-    """Unit of the int8 compensation: 2^-(stored mantissa bits + 8) of |hi| (see grad_hidden.py)."""
-    return 2.0 ** -({torch.bfloat16: 7, torch.float16: 10}.get(dtype, 23) + 8)
+def _is_traced(t: Tensor) -> bool:
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover
+        return False
+    return is_fake(t)
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -189,7 +205,7 @@ def _forward_fused(hidden, weight, bias, target):
     def grid(meta):
         return (triton.cdiv(n_tokens, meta["BLOCK_M"]), splits)
 
-    _launch(lse_forward_kernel)[grid](
+    wrap_triton(lse_forward_kernel)[grid](
         hidden, weight, bias, target, max2, sumexp, target_logit,
         n_tokens, num_classes, dim, per_split, _bucket(n_tokens), hidden.stride(0), weight.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=dim % _max_block_k(lse_forward_kernel) == 0,
@@ -216,9 +232,10 @@ def _forward_cublas(hidden, weight, bias, target):
         def grid(meta):
             return (triton.cdiv(n_tokens, meta["BLOCK_M"]),)
 
-        _launch(lse_update_kernel)[grid](
+        wrap_triton(lse_update_kernel)[grid](
             logits, target, max2, sumexp, target_logit, n_tokens, v1 - v0, v0, logits.stride(0), FIRST=v0 == 0,
         )
+        del logits  # before the next slab is allocated: one slab alive at a time
     return (max2 + torch.log2(sumexp)) * LN2, target_logit
 
 
@@ -241,60 +258,81 @@ def lce_backward_impl(grad_loss: Tensor, grad_lse: Optional[Tensor], hidden: Ten
         grad_weight.zero_()
         return grad_hidden, grad_weight, grad_bias_acc.to(weight.dtype if bias is None else bias.dtype)
 
-    plan = plan_backward(_hint(n_tokens), dim, num_classes, hidden.dtype)
+    groups = 1 if isinstance(n_tokens, torch.SymInt) else max(1, SETTINGS.row_groups)
+    plan = plan_backward(_hint(n_tokens), dim, num_classes, hidden.dtype, row_groups=groups,
+                         traced=_is_traced(hidden))
     starts = list(range(0, num_classes, plan.slab))
+    row_starts = list(range(0, n_tokens, plan.rows)) if groups > 1 else [0]
     mode = plan.mode
     if len(starts) == 1:  # one slab: grad_hidden is written once, no running state
-        mode, state, lo = MODE_FP32, grad_hidden, grad_hidden
+        mode, state = MODE_FP32, None
     elif mode == MODE_FP32:
-        state = grad_hidden if plan.state_in_output else hidden.new_empty((n_tokens, dim), dtype=torch.float32)
-        lo = state
+        state = None if plan.state_in_output else hidden.new_empty((plan.rows, dim), dtype=torch.float32)
     else:
-        lo = hidden.new_empty((n_tokens, dim), dtype=torch.int8)      # [N, D] compensation of grad_hidden
-        state = lo
-    even_k = _max_block_k(grad_logits_kernel)
-    for i, v0 in enumerate(starts):
-        v1 = min(v0 + plan.slab, num_classes)
-        width = v1 - v0
-        if SETTINGS.grad_logits == "cublas":
-            # [N, slab] logits by cuBLAS (F.linear), turned into grad_logits in place
-            grad_logits = torch.nn.functional.linear(hidden, weight[v0:v1], None if bias is None else bias[v0:v1])
+        state = hidden.new_empty((plan.rows, dim), dtype=torch.int8)   # [rows, D] compensation of grad_hidden
+    for r0 in row_starts:
+        r1 = min(r0 + plan.rows, n_tokens) if groups > 1 else n_tokens
+        rows = slice(r0, r1)
+        n_rows = r1 - r0 if groups > 1 else n_tokens
+        h_g = hidden[rows] if groups > 1 else hidden
+        gh_g = grad_hidden[rows] if groups > 1 else grad_hidden
+        state_g = gh_g if state is None else (state[: r1 - r0] if groups > 1 else state)
+        args_g = [t if t is None or groups == 1 else t[rows] for t in (target, lse, grad_loss, grad_lse)]
+        for i, v0 in enumerate(starts):
+            v1 = min(v0 + plan.slab, num_classes)
+            grad_logits = _grad_logits_slab(h_g, weight, bias, *args_g, grad_bias_acc, v0, v1, n_rows, ignore_index)
+            # grad_weight[slab]: one matmul over the tokens, written straight into the output (exact when
+            # there is one row group; otherwise each further group adds one bf16 rounding)
+            if r0 == 0:
+                torch.mm(grad_logits.t(), h_g, out=grad_weight[v0:v1])
+            else:
+                grad_weight[v0:v1].addmm_(grad_logits.t(), h_g)
 
-            def grid_e(meta):
-                return (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]))
+            def grid_h(meta):
+                return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(dim, meta["BLOCK_N"]),)
 
-            _launch(grad_logits_inplace_kernel)[grid_e](
-                grad_logits, target, lse, grad_loss, grad_lse, grad_bias_acc,
-                n_tokens, width, v0, grad_logits.stride(0), ignore_index,
-                HAS_BIAS=bias is not None, HAS_GRAD_LSE=grad_lse is not None,
+            wrap_triton(grad_hidden_kernel)[grid_h](
+                grad_logits, weight[v0:v1], state_g, state_g, gh_g,
+                n_rows, dim, v1 - v0, _bucket(n_rows), grad_logits.stride(0), weight.stride(0), dim, dim,
+                MODE=mode, FIRST=i == 0, LAST=i == len(starts) - 1,
+                EVEN_K=(v1 - v0) % _max_block_k(grad_hidden_kernel) == 0,
+                EVEN_D=dim % _max_block_n(grad_hidden_kernel) == 0,
+                DOT_FP32=DOT_FP32, DOT_PRECISION=_dot_precision(hidden.dtype), GROUP_M=_GROUP_M,
             )
-        else:
-            grad_logits = hidden.new_empty((n_tokens, width))           # [N, slab]
-
-            def grid_l(meta):
-                return (triton.cdiv(n_tokens, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),)
-
-            _launch(grad_logits_kernel)[grid_l](
-                hidden, weight, bias, target, lse, grad_loss, grad_lse, grad_logits, grad_bias_acc,
-                n_tokens, dim, v0, width, _bucket(n_tokens), hidden.stride(0), weight.stride(0),
-                grad_logits.stride(0), ignore_index,
-                HAS_BIAS=bias is not None, HAS_GRAD_LSE=grad_lse is not None,
-                EVEN_K=dim % even_k == 0, DOT_FP32=DOT_FP32, DOT_PRECISION=_dot_precision(hidden.dtype),
-                GROUP_M=_GROUP_M,
-            )
-        # grad_weight[slab]: one matmul over all N tokens, written straight into the output (exact)
-        torch.mm(grad_logits.t(), hidden, out=grad_weight[v0:v1])
-
-        def grid_h(meta):
-            return (triton.cdiv(n_tokens, meta["BLOCK_M"]) * triton.cdiv(dim, meta["BLOCK_N"]),)
-
-        _launch(grad_hidden_kernel)[grid_h](
-            grad_logits, weight[v0:v1], state, lo, grad_hidden,
-            n_tokens, dim, width, _bucket(n_tokens), grad_logits.stride(0), weight.stride(0), dim, dim,
-            _lo_step(hidden.dtype),
-            MODE=mode, FIRST=i == 0, LAST=i == len(starts) - 1,
-            EVEN_K=width % _max_block_k(grad_hidden_kernel) == 0,
-            DOT_FP32=DOT_FP32, DOT_PRECISION=_dot_precision(hidden.dtype), GROUP_M=_GROUP_M,
-        )
+            del grad_logits  # before the next slab is allocated: one slab alive at a time
     grad_bias = weight.new_empty((0,)) if bias is None else grad_bias_acc.to(bias.dtype)
     return grad_hidden, grad_weight, grad_bias
+
+
+def _grad_logits_slab(hidden, weight, bias, target, lse, grad_loss, grad_lse, grad_bias_acc, v0, v1, n_tokens,
+                      ignore_index):
+    """[n_tokens, v1 - v0] grad_logits of classes [v0, v1) in the input dtype (and their grad_bias sums)."""
+    dim = hidden.shape[1]
+    width = v1 - v0
+    if SETTINGS.grad_logits == "cublas":
+        # logits by cuBLAS (F.linear: input-dtype output, like the reference), turned into grad_logits in place
+        grad_logits = torch.nn.functional.linear(hidden, weight[v0:v1], None if bias is None else bias[v0:v1])
+
+        def grid_e(meta):
+            return (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]))
+
+        wrap_triton(grad_logits_inplace_kernel)[grid_e](
+            grad_logits, target, lse, grad_loss, grad_lse, grad_bias_acc,
+            n_tokens, width, v0, grad_logits.stride(0), ignore_index,
+            HAS_BIAS=bias is not None, HAS_GRAD_LSE=grad_lse is not None, EMULATE_ROUNDING=DOT_FP32,
+        )
+        return grad_logits
+    grad_logits = hidden.new_empty((n_tokens, width))
+
+    def grid_l(meta):
+        return (triton.cdiv(n_tokens, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),)
+
+    wrap_triton(grad_logits_kernel)[grid_l](
+        hidden, weight, bias, target, lse, grad_loss, grad_lse, grad_logits, grad_bias_acc,
+        n_tokens, dim, v0, width, _bucket(n_tokens), hidden.stride(0), weight.stride(0),
+        grad_logits.stride(0), ignore_index,
+        HAS_BIAS=bias is not None, HAS_GRAD_LSE=grad_lse is not None,
+        EVEN_K=dim % _max_block_k(grad_logits_kernel) == 0, DOT_FP32=DOT_FP32,
+        DOT_PRECISION=_dot_precision(hidden.dtype), GROUP_M=_GROUP_M,
+    )
+    return grad_logits

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ._config import LOG2E, configs
+from ._rounding import round_to
 
 
 @triton.jit
@@ -33,17 +34,16 @@ def lse_forward_kernel_jit(
     row_ok = rows < N
     rows_safe = tl.where(row_ok, rows, 0)                                 # in-bounds loads; stores are masked
     target = tl.load(target_ptr + rows_safe)
-    v_begin = split * v_per_split
-    v_end = tl.minimum(v_begin + v_per_split, V)
+    v_begin = split * v_per_split     # the host makes v_begin < V; the last split's tiles past V are masked
     offs_k = tl.arange(0, BLOCK_K)
     h_rows = hidden_ptr + rows_safe.to(tl.int64)[:, None] * stride_hidden  # [BLOCK_M, 1]
 
     max2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
     sumexp = tl.zeros([BLOCK_M], tl.float32)
     target_logit = tl.zeros([BLOCK_M], tl.float32)
-    for v0 in range(v_begin, v_end, BLOCK_N):
-        cols = v0 + tl.arange(0, BLOCK_N)                                 # [BLOCK_N] class ids
-        col_ok = cols < v_end
+    for t in range(0, v_per_split, BLOCK_N):  # loop bounds from arguments only (Triton's interpreter needs it)
+        cols = v_begin + t + tl.arange(0, BLOCK_N)                        # [BLOCK_N] class ids
+        col_ok = (cols < V) & (t + tl.arange(0, BLOCK_N) < v_per_split)
         w_rows = weight_ptr + tl.where(col_ok, cols, v_begin).to(tl.int64)[:, None] * stride_weight
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)                    # [BLOCK_M, BLOCK_N] logits tile
         for k0 in range(0, D, BLOCK_K):
@@ -60,17 +60,17 @@ def lse_forward_kernel_jit(
             acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + tl.where(col_ok, cols, v_begin)).to(tl.float32)[None, :]
-        z = acc.to(hidden_ptr.dtype.element_ty).to(tl.float32)            # logits in the input dtype
-        # a column past v_end can only equal a target of another split, whose logit is not stored here
+        z = round_to(acc, hidden_ptr.dtype.element_ty, DOT_FP32).to(tl.float32)  # logits in the input dtype
+        # (a masked column never equals a target of this split, the only one whose logit is stored)
         target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
-        z2 = tl.where(col_ok[None, :], z * LOG2E, float("-inf"))
+        z2 = tl.where(col_ok[None, :], z * LOG2E, float("-inf"))  # tile 0 always has a valid column
         new_max2 = tl.maximum(max2, tl.max(z2, axis=1))
         sumexp = sumexp * tl.exp2(max2 - new_max2) + tl.sum(tl.exp2(z2 - new_max2[:, None]), axis=1)
         max2 = new_max2
 
     tl.store(max2_ptr + split * N + rows, max2, mask=row_ok)
     tl.store(sumexp_ptr + split * N + rows, sumexp, mask=row_ok)
-    has_target = row_ok & (target >= v_begin) & (target < v_end)
+    has_target = row_ok & (target >= v_begin) & (target < v_begin + v_per_split)
     tl.store(target_logit_ptr + rows, target_logit, mask=has_target)
 
 

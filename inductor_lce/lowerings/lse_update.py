@@ -42,7 +42,7 @@ def lse_update_kernel_jit(
         j = j0 + tl.arange(0, BLOCK_N)
         col_ok = j < slab
         z = tl.load(row_base + j[None, :], mask=col_ok[None, :], other=float("-inf")).to(tl.float32)
-        target_logit += tl.sum(tl.where(j[None, :] == target_col[:, None], z, 0.0), axis=1)
+        target_logit += tl.sum(tl.where((j[None, :] == target_col[:, None]) & col_ok[None, :], z, 0.0), axis=1)
         z2 = z * LOG2E
         new_max2 = tl.maximum(max2, tl.max(z2, axis=1))
         sumexp = sumexp * tl.exp2(max2 - new_max2) + tl.sum(tl.exp2(z2 - new_max2[:, None]), axis=1)

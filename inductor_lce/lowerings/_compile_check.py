@@ -1,0 +1,53 @@
+"""Offline build of the kernels for Hopper (sm_90) on any machine with Triton's NVIDIA backend: no GPU needed.
+
+Used by tests/test_kernels.py (front-end errors, wgmma present) and ``bench/bench_lce.py --compile-report``
+(registers, spills, shared memory per config). Integer arguments and pointers get the divisibility-by-16
+hints a real launch at the benchmark shapes gets; optional pointers the host passes as None are None here.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+_PTR_TYPES = {"target_ptr": "*i64", "max2_ptr": "*fp32", "sumexp_ptr": "*fp32", "target_logit_ptr": "*fp32",
+              "lse_ptr": "*fp32", "grad_loss_ptr": "*fp32", "grad_lse_ptr": "*fp32", "grad_bias_ptr": "*fp32"}
+
+
+def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, ptr_types: dict | None = None,
+                 dtype: str = "bf16"):
+    """Compile a @triton.jit function for sm_90; returns the CompiledKernel."""
+    types = dict(_PTR_TYPES, **(ptr_types or {}))
+    sig = {}
+    for a in fn.arg_names:
+        if a in constexprs:
+            sig[a] = "constexpr"
+        elif a.endswith("_ptr"):
+            sig[a] = types.get(a, "*" + dtype)
+        else:
+            sig[a] = "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if sig[a] not in ("constexpr", "fp32") and a != "ignore_index"}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def ptxas_report(kernel) -> dict:
+    """registers / spill bytes / shared memory of a compiled kernel (ptxas -v on its PTX)."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(kernel.asm["ptx"])
+        err = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.devnull], capture_output=True,
+                             text=True).stderr
+    regs = re.findall(r"Used (\d+) registers", err)
+    spills = re.findall(r"(\d+) bytes spill stores", err)
+    return dict(registers=int(regs[0]) if regs else None, spill_bytes=int(spills[0]) if spills else None,
+                shared=kernel.metadata.shared, wgmma=kernel.asm["ptx"].count("wgmma.mma_async"))
