@@ -65,26 +65,31 @@ def _lce_backward_fake(grad_loss, grad_lse, hidden, weight, bias, target, lse, i
     return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
 
 
-def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, target, ignore_index = inputs
-    _, lse = output
-    ctx.save_for_backward(hidden, weight, bias, target, lse)
-    ctx.ignore_index = ignore_index
-    ctx.has_bias = bias is not None
+def register_lce_autograd(forward_op, backward_op) -> None:
+    """Autograd of a forward op with lce_forward's schema, through a backward op with
+    lce_backward's schema (used for these ops and for the per-device Triton ops)."""
+
+    def setup_context(ctx, inputs, output):
+        hidden, weight, bias, target, ignore_index = inputs
+        _, lse = output
+        ctx.save_for_backward(hidden, weight, bias, target, lse)
+        ctx.ignore_index = ignore_index
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad_loss, grad_lse):
+        hidden, weight, bias, target, lse = ctx.saved_tensors
+        if grad_loss is None:
+            grad_loss = torch.zeros_like(lse)
+        grad_hidden, grad_weight, grad_bias = backward_op(
+            grad_loss.float(), None if grad_lse is None else grad_lse.float(),
+            hidden, weight, bias, target, lse, ctx.ignore_index,
+        )
+        return grad_hidden, grad_weight, (grad_bias if ctx.has_bias else None), None, None
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
 
 
-def _backward(ctx, grad_loss, grad_lse):
-    hidden, weight, bias, target, lse = ctx.saved_tensors
-    if grad_loss is None:
-        grad_loss = torch.zeros_like(lse)
-    grad_hidden, grad_weight, grad_bias = lce_backward(
-        grad_loss.float(), None if grad_lse is None else grad_lse.float(),
-        hidden, weight, bias, target, lse, ctx.ignore_index,
-    )
-    return grad_hidden, grad_weight, (grad_bias if ctx.has_bias else None), None, None
-
-
-lce_forward.register_autograd(_backward, setup_context=_setup_context)
+register_lce_autograd(lce_forward, lce_backward)
 
 _REDUCTIONS = ("mean", "sum", "none")
 

@@ -81,23 +81,7 @@ if AVAILABLE:
     ) -> tuple[Tensor, Tensor, Tensor]:
         return lce_backward_impl(grad_loss, grad_lse, hidden, weight, bias, target, lse, ignore_index)
 
-    def _setup_context(ctx, inputs, output):
-        hidden, weight, bias, target, ignore_index = inputs
-        ctx.save_for_backward(hidden, weight, bias, target, output[1])
-        ctx.ignore_index = ignore_index
-        ctx.has_bias = bias is not None
-
-    def _backward(ctx, grad_loss, grad_lse):
-        hidden, weight, bias, target, lse = ctx.saved_tensors
-        if grad_loss is None:
-            grad_loss = torch.zeros_like(lse)
-        grad_hidden, grad_weight, grad_bias = lce_backward_triton(
-            grad_loss.float(), None if grad_lse is None else grad_lse.float(),
-            hidden, weight, bias, target, lse, ctx.ignore_index,
-        )
-        return grad_hidden, grad_weight, (grad_bias if ctx.has_bias else None), None, None
-
-    lce_forward_triton.register_autograd(_backward, setup_context=_setup_context)
+    _ops.register_lce_autograd(lce_forward_triton, lce_backward_triton)
 
     # The eager ops' CUDA kernels: the same implementation, launched directly.
     @_ops.lce_forward.register_kernel("cuda")
