@@ -50,7 +50,24 @@ def grad_accumulation(h, w, y):
     return sum(F.cross_entropy(F.linear(hb, w).float(), yb) for hb, yb in zip(h.unbind(0), y.unbind(0))) / B
 
 
+BIAS = torch.randn(V, generator=torch.Generator().manual_seed(3))
+
+
+def linear_bias(h, w, y):
+    """nn.Linear(bias=True) head: addmm in the graph; the bias gradient is rewritten too."""
+    return F.cross_entropy(F.linear(h, w, BIAS).float().flatten(0, 1), y.flatten())
+
+
+def none_then_weighted(h, w, y):
+    """reduction="none" followed by the user's own per-token weighting."""
+    per_token = F.cross_entropy(F.linear(h, w).float().flatten(0, 1), y.flatten(), reduction="none")
+    weights = torch.linspace(0.1, 1.0, per_token.numel())
+    return (per_token * weights).sum() / weights.sum()
+
+
 FAMILIES = [
+    (linear_bias, 1),
+    (none_then_weighted, 1),
     (ce_module, 1),
     (log_softmax_then_nll, 1),
     (multi_token_prediction, 2),
@@ -80,3 +97,21 @@ def test_family(fn, sites):
     assert rewrites() == sites, skips()
     assert not skips()
     assert max(saved_numels(rec["post_grad"])) < T * V
+
+
+def test_bias_gradient():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(B, T, D, generator=g, requires_grad=True)
+    w = torch.randn(V, D, generator=g, requires_grad=True)
+    b = torch.randn(V, generator=g, requires_grad=True)
+    y = torch.randint(0, V, (B, T), generator=g)
+    fn = lambda h, w, b, y: F.cross_entropy(F.linear(h, w, b).float().flatten(0, 1), y.flatten())
+    compiled, rec = compile_recorded(fn)
+    compiled(h, w, b, y).backward()
+    got = [t.grad.clone() for t in (h, w, b)]
+    for t in (h, w, b):
+        t.grad = None
+    fn(h, w, b, y).backward()
+    for a, t in zip(got, (h, w, b)):
+        torch.testing.assert_close(a, t.grad, rtol=1e-5, atol=1e-6)
+    assert rewrites() == 1 and max(saved_numels(rec["post_grad"])) < T * V
