@@ -7,11 +7,13 @@ Inductor backend gets the pass) and prints every cross-entropy site the pass saw
 Python, ``inductor_lce.explain(fn, *args)`` compiles ``fn`` with ``options()``, runs it
 (and its backward when the result requires grad) and returns the same report.
 
+Compile caches are off while it runs (a cache hit would skip the pass and the report).
 Sites are printed per graph the pass saw: a joint (training) graph and, for inference, the
 forward graph; a site compiled twice (a recompile) appears twice.
 """
 from __future__ import annotations
 
+import contextlib
 import runpy
 import sys
 from typing import Callable
@@ -53,15 +55,30 @@ def format_report(report: list) -> str:
     return "\n".join(lines)
 
 
+def _no_compile_caches():
+    """A cache hit skips the passes, and with them the report: compile from scratch."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    patches = [inductor_config.patch({"fx_graph_cache": False})]
+    if hasattr(functorch_config, "enable_autograd_cache"):
+        patches.append(functorch_config.patch({"enable_autograd_cache": False}))
+    stack = contextlib.ExitStack()
+    for p in patches:
+        stack.enter_context(p)
+    return stack
+
+
 def explain(fn: Callable, *args, **kwargs) -> list:
     """Compile ``fn`` with the pass, run it once (and backward if it returns a loss that
     requires grad), print and return the report of every cross-entropy site."""
     start = len(graph_pass.REPORT)
     torch._dynamo.reset()
-    out = torch.compile(fn, options=options())(*args, **kwargs)
-    loss = out[0] if isinstance(out, (tuple, list)) else out
-    if isinstance(loss, torch.Tensor) and loss.requires_grad and loss.numel() == 1:
-        loss.backward()
+    with _no_compile_caches():
+        out = torch.compile(fn, options=options())(*args, **kwargs)
+        loss = out[0] if isinstance(out, (tuple, list)) else out
+        if isinstance(loss, torch.Tensor) and loss.requires_grad and loss.numel() == 1:
+            loss.backward()
     report = graph_pass.REPORT[start:]
     print(format_report(report))
     return report
@@ -77,7 +94,8 @@ def main(argv=None) -> int:
     install()
     sys.argv = argv
     try:
-        runpy.run_path(script, run_name="__main__")
+        with _no_compile_caches():
+            runpy.run_path(script, run_name="__main__")
     finally:
         uninstall()
         print("\n== inductor_lce: cross-entropy sites ==")

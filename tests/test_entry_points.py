@@ -1,4 +1,5 @@
 """options(), install()/uninstall() chaining, the backend entry point, the FX graph cache."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -92,7 +93,7 @@ def test_install_keeps_a_list_of_user_passes():
     assert inductor_config.joint_custom_pre_pass == old
 
 
-def test_backend_entry_point_without_import():
+def test_backend_entry_point_without_import(tmp_path):
     """A fresh interpreter finds backend="inductor_lce" through the installed entry point."""
     code = textwrap.dedent("""
         import sys, torch, torch.nn.functional as F
@@ -107,7 +108,8 @@ def test_backend_entry_point_without_import():
         torch.testing.assert_close(out, f(h, w, y))
         print("REWRITES", counters["inductor_lce"]["rewrites"])
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))  # cold cache: the pass runs
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "REWRITES 1" in proc.stdout
 
