@@ -189,7 +189,7 @@ def method_fn(m):
         import inductor_lce.lowerings  # noqa: F401  (registers the triton ops)
 
         def traced(h, w, y):
-            loss, _ = torch.ops.inductor_lce.lce_forward_triton(h, w, None, y, -100)
+            loss, _, _ = torch.ops.inductor_lce.lce_forward_triton(h, w, None, y, -100)
             return loss.sum() / (y != -100).sum()
 
         return torch.compile(traced, fullgraph=True)
@@ -364,10 +364,10 @@ def compile_report():
         bm, bn, bk, nw, ns = cfg
         blk = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
         builds = [("lse_forward", lse_forward.lse_forward_kernel_jit,
-                   dict(bias_ptr=None, HAS_BIAS=False, EVEN_K=True, **common), {}),
+                   dict(bias_ptr=None, HAS_BIAS=False, HAS_SOFTCAP=False, EVEN_K=True, **common), {}),
                   ("grad_logits", grad_logits.grad_logits_kernel_jit,
-                   dict(bias_ptr=None, grad_lse_ptr=None, HAS_BIAS=False, HAS_GRAD_LSE=False, EVEN_K=True,
-                        GROUP_M=8, **common), {})]
+                   dict(bias_ptr=None, grad_lse_ptr=None, grad_sum_ptr=None, HAS_BIAS=False, HAS_GRAD_LSE=False,
+                        HAS_GRAD_SUM=False, HAS_SOFTCAP=False, EVEN_K=True, GROUP_M=8, **common), {})]
         for mode, first, last in ((1, False, False), (1, False, True), (0, False, False), (0, True, True)):
             types = {"state_ptr": "*i8", "lo_ptr": "*i8"} if mode == 1 else {"state_ptr": "*fp32", "lo_ptr": "*fp32"}
             builds.append((f"grad_hidden mode={mode} first={first} last={last}", grad_hidden.grad_hidden_kernel_jit,
@@ -422,12 +422,13 @@ def sweep(shapes):
             bm, bn, bk, nw, ns = cfg
             m2 = torch.empty(splits, N, device=DEV)
             se = torch.empty(splits, N, device=DEV)
+            sm = torch.empty(splits, N, device=DEV)
             tl_ = torch.zeros(N, device=DEV)
 
             def fwd():
                 lse_forward_kernel_jit[(triton.cdiv(N, bm), splits)](
-                    h, w, None, y, m2, se, tl_, N, V, D, per_split, 0, h.stride(0), w.stride(0),
-                    HAS_BIAS=False, EVEN_K=D % bk == 0, DOT_FP32=False, DOT_PRECISION="tf32",
+                    h, w, None, y, m2, se, sm, tl_, N, V, D, per_split, 0, h.stride(0), w.stride(0), 0.0,
+                    HAS_BIAS=False, HAS_SOFTCAP=False, EVEN_K=D % bk == 0, DOT_FP32=False, DOT_PRECISION="tf32",
                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
 
             t = try_time(fwd)
@@ -439,18 +440,19 @@ def sweep(shapes):
             sp = -(-V // ps)
             m2 = torch.empty(sp, N, device=DEV)
             se = torch.empty(sp, N, device=DEV)
+            sm = torch.empty(sp, N, device=DEV)
 
             def fwd_s():
                 lse_forward_kernel_jit[(triton.cdiv(N, bm), sp)](
-                    h, w, None, y, m2, se, tl_, N, V, D, ps, 0, h.stride(0), w.stride(0),
-                    HAS_BIAS=False, EVEN_K=D % bk == 0, DOT_FP32=False, DOT_PRECISION="tf32",
+                    h, w, None, y, m2, se, sm, tl_, N, V, D, ps, 0, h.stride(0), w.stride(0), 0.0,
+                    HAS_BIAS=False, HAS_SOFTCAP=False, EVEN_K=D % bk == 0, DOT_FP32=False, DOT_PRECISION="tf32",
                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
 
             t = try_time(fwd_s)
             rec(shape=[N, D, V], what="fwd_fused_splits", cfg=SWEEP_GEMM_CONFIGS[0], splits=sp, ms=t)
         for ws in (56, 200):
             I.SETTINGS.workspace_bytes, I.SETTINGS.forward = ws * MB, "cublas"
-            t = try_time(lambda: I._forward_cublas(h, w, None, y))
+            t = try_time(lambda: I._forward_cublas(h, w, None, y, 0.0))
             rec(shape=[N, D, V], what="fwd_cublas_lse_update", workspace_mb=ws, ms=t)
         I.SETTINGS.workspace_bytes, I.SETTINGS.forward = 56 * MB, "fused"
         lse = L.lce_forward_impl(h, w, None, y, -100)[1]
@@ -473,8 +475,9 @@ def sweep(shapes):
 
                 def glk():
                     grad_logits_kernel_jit[(triton.cdiv(N, bm) * triton.cdiv(slab, bn),)](
-                        h, w, None, y, lse, grad_loss, None, gl, empty_b, N, D, v0, slab, 0, h.stride(0),
-                        w.stride(0), gl.stride(0), -100, HAS_BIAS=False, HAS_GRAD_LSE=False, EVEN_K=D % bk == 0,
+                        h, w, None, y, lse, grad_loss, None, None, gl, empty_b, N, D, v0, slab, 0, h.stride(0),
+                        w.stride(0), gl.stride(0), -100, 0.0, HAS_BIAS=False, HAS_GRAD_LSE=False, HAS_GRAD_SUM=False,
+                        HAS_SOFTCAP=False, EVEN_K=D % bk == 0,
                         DOT_FP32=False, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
                         num_warps=nw, num_stages=ns)
 
@@ -485,8 +488,9 @@ def sweep(shapes):
             def gl_inplace():
                 torch.mm(h, ws.T, out=gl)
                 grad_logits_inplace_kernel[lambda m: (triton.cdiv(N, m["BLOCK_M"]), triton.cdiv(slab, m["BLOCK_N"]))](
-                    gl, y, lse, grad_loss, None, empty_b, N, slab, v0, gl.stride(0), -100,
-                    HAS_BIAS=False, HAS_GRAD_LSE=False, EMULATE_ROUNDING=False)
+                    gl, y, lse, grad_loss, None, None, empty_b, N, slab, v0, gl.stride(0), -100, 0.0,
+                    HAS_BIAS=False, HAS_GRAD_LSE=False, HAS_GRAD_SUM=False, HAS_SOFTCAP=False,
+                    EMULATE_ROUNDING=False)
 
             t = try_time(gl_inplace)
             rec(shape=[N, D, V], what="slab_grad_logits_cublas_inplace", slab=slab, ms=t, x_slabs=_x(t, n_slabs))

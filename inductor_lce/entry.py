@@ -13,11 +13,16 @@ from .graph_pass import LinearCrossEntropyPass
 SLOTS = ("joint_custom_pre_pass", "post_grad_custom_pre_pass")
 
 
-def options() -> dict:
-    """``torch.compile(model, options=inductor_lce.options())``."""
+def options(*, low_precision_logits: bool = False) -> dict:
+    """``torch.compile(model, options=inductor_lce.options())``.
+
+    ``low_precision_logits=True`` also rewrites a cross-entropy read straight off bf16/fp16
+    logits (no ``.float()``, as nanoGPT writes it). The fused loss is computed in fp32 there:
+    more accurate than eager's, which rounds the log-probs to bf16, so not bit-equal to it."""
     return {
-        "joint_custom_pre_pass": LinearCrossEntropyPass(),
-        "post_grad_custom_pre_pass": LinearCrossEntropyPass(report_training_graphs=False),
+        "joint_custom_pre_pass": LinearCrossEntropyPass(low_precision_logits=low_precision_logits),
+        "post_grad_custom_pre_pass": LinearCrossEntropyPass(report_training_graphs=False,
+                                                            low_precision_logits=low_precision_logits),
     }
 
 

@@ -3,15 +3,18 @@
 One structural matcher serves every slot.  It starts at each log-softmax over the
 classes (a cross-entropy *site*), then checks, without touching the graph:
 
-  logits    the path up to the lm-head matmul              (patterns/logits.py)
+  logits    the path up to the lm-head matmul, soft-cap included  (patterns/logits.py, softcap.py)
   nll       the per-token loss, masked by ignore_index     (patterns/nll.py)
+  extras    a class sum of the log-probs (label smoothing)  (patterns/label_smoothing.py)
+            and logsumexps of the logits (z-loss)           (patterns/logsumexp.py)
   backward  when the graph is a joint graph: the log-softmax and nll backward and
             the gradient matmuls of hidden / weight / bias  (patterns/log_softmax.py, ...)
   users     no node of the region (logits, log-probs, their gradients) is read by
             anything outside it
 
-and only then rewrites: the per-token loss becomes ``lce_forward``'s output, the
-gradient matmuls become ``lce_backward``'s outputs, and everything [N, V] dies.
+and only then rewrites: the per-token loss, the class sum and the logsumexps become
+``lce_forward``'s outputs (loss, sum_logits - V * lse, lse), the gradient matmuls
+become ``lce_backward``'s outputs, and everything [N, V] dies.
 The user's reduction (mean / sum / none, whatever scaling of the incoming
 gradient) is left exactly as the graph computes it.  A site that fails a check is
 left alone and counted in ``counters["inductor_lce"]["skip_<reason>"]``.
@@ -31,10 +34,13 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch.fx import Graph, Node
 
 from . import ops  # noqa: F401  (registers torch.ops.inductor_lce)
-from .patterns.common import NoMatch, aten, is_op, same_size, shape
+from .patterns.common import NoMatch, aten, dtype, is_op, prims, same_size, shape
+from .patterns.label_smoothing import ClassSum, match_class_sum, split_class_sum_grad
 from .patterns.log_softmax import LogSoftmax, match_log_softmax, match_log_softmax_backward, aliases
 from .patterns.logits import LogitsChain, LogitsGrad, match_logits_chain, match_logits_grad
+from .patterns.logsumexp import match_logsumexp, match_logsumexp_backward
 from .patterns.nll import NllBackward, NllForward, match_nll_backward, match_nll_forward
+from .patterns.softcap import saved_tanh
 
 log = logging.getLogger("inductor_lce")
 
@@ -55,7 +61,10 @@ class Site:
     chain: Optional[LogitsChain] = None
     nll: Optional[NllForward] = None
     backward: Optional[tuple] = None          # (LogSoftmaxBackward, NllBackward, LogitsGrad)
-    post_views: list = field(default_factory=list)  # views from log-probs to what the nll reads
+    post_views: list = field(default_factory=list)  # views (and a downcast) from log-probs to what the nll reads
+    cast: Optional[Node] = None               # log-probs cast to bf16/fp16 (no .float(): opt-in)
+    class_sum: Optional[ClassSum] = None      # sum of the log-probs over the classes (label smoothing)
+    lse_uses: list = field(default_factory=list)  # LogSumExp of the scored logits (z-loss)
 
     @property
     def location(self) -> str:
@@ -81,56 +90,91 @@ def find_sites(graph: Graph) -> list:
     return sites
 
 
-def analyze(site: Site) -> Site:
+def _is_downcast(node: Node) -> bool:
+    return is_op(node, prims.convert_element_type.default) and node.args[1] in (torch.bfloat16, torch.float16)
+
+
+def analyze(site: Site, low_precision_logits: bool = False) -> Site:
     """Fill ``site`` with the matched region or raise ``NoMatch``; never mutates."""
     lsm = site.log_softmax
-    # log_softmax(logits [B, T, V]).flatten(0, 1) -> nll_loss: views between log-probs and loss
+    # log_softmax(logits [B, T, V]).flatten(0, 1) -> nll_loss: views between log-probs and loss;
+    # without .float(), the log-softmax of bf16 logits is computed in fp32 and cast back first
     log_probs = lsm.output
     while True:
-        views = [u for u in log_probs.users if is_op(u, *_ROW_VIEWS)]
+        views = [u for u in log_probs.users if is_op(u, *_ROW_VIEWS) or (_is_downcast(u) and site.cast is None)]
         if len(views) != 1 or not same_size(shape(views[0])[-1], shape(log_probs)[-1]):
             break
+        if _is_downcast(views[0]):
+            if not low_precision_logits:
+                raise NoMatch("not_fp32", "the loss reads low-precision log-probs (no .float()); "
+                                          "opt in with inductor_lce.options(low_precision_logits=True)")
+            site.cast = views[0]
         log_probs = views[0]
         site.post_views.append(log_probs)
-    _check_log_softmax_users(lsm, site.post_views)
+    site.class_sum = _check_log_softmax_users(lsm, site.post_views, log_probs)
     gathers = [u for u in log_probs.users if is_op(u, aten.gather.default)]
     if len(gathers) != 1:
         raise NoMatch("no_nll" if not gathers else "log_softmax_other_users")
     site.nll = match_nll_forward(gathers[0], log_probs)
-    site.chain = match_logits_chain(lsm.input)
-    for node in site.chain.nodes + lsm.nodes + site.post_views + site.nll.nodes:
+    chain = site.chain = match_logits_chain(lsm.input)
+    site.lse_uses = _match_lse_uses(site)
+    for node in chain.nodes + lsm.nodes + site.post_views + site.nll.nodes:
         if any(u.op == "output" for u in node.users):
             raise NoMatch("logits_returned", f"{node.name} is a graph output")
-    for node in site.chain.nodes[:-1]:
-        if any(u not in site.chain.nodes and not is_op(u, aten.sym_size.int) for u in node.users):
-            raise NoMatch("logits_other_users", f"{node.name} is read outside the loss")
-    if any(u not in lsm.nodes and not is_op(u, aten.sym_size.int) for u in lsm.input.users):
-        raise NoMatch("logits_other_users", f"{lsm.input.name} is read outside the loss")
-    backwards = match_log_softmax_backward(lsm)
+    readers = set(chain.nodes) | set(lsm.nodes) | set(saved_tanh(chain.softcap) if chain.softcap else ())
+    readers |= {n for lse in site.lse_uses for n in lse.nodes + lse.grad_nodes + [lse.output]}
+    for node in chain.nodes:
+        for u in node.users:
+            if u not in readers and not is_op(u, aten.sym_size.int):
+                raise NoMatch("logits_other_users", f"{node.name} is read outside the loss (by {u.name})")
+    backwards = match_log_softmax_backward(lsm, site.cast)
     if len(backwards) > 1:
         raise NoMatch("log_softmax_other_users", "several backward uses")
     if backwards:
         lsm_bwd = backwards[0]
         grad_log_probs = lsm_bwd.grad_output
-        for _ in site.post_views:  # the mirror views, from the loss's [N', V] back to log-probs
-            if not is_op(grad_log_probs, *_ROW_VIEWS):  # other users: caught by _check_users
+        for step in site.post_views:  # the mirror views, from the loss's [N', V] back to log-probs
+            mirror = (prims.convert_element_type.default,) if step is site.cast else _ROW_VIEWS
+            if not is_op(grad_log_probs, *mirror):  # other users: caught by _check_users
                 raise NoMatch("log_softmax_backward_form", "views do not mirror the forward")
             lsm_bwd.nodes.append(grad_log_probs)
             grad_log_probs = grad_log_probs.args[0]
+        if site.class_sum is not None:
+            grad_log_probs = split_class_sum_grad(grad_log_probs, site.class_sum, site.nll.target)
         nll_bwd = match_nll_backward(grad_log_probs, site.nll)
-        logits_grad = match_logits_grad(lsm_bwd.grad_input, site.chain)
+        terms = [lse.grad_term for lse in site.lse_uses if lse.grad_term is not None]
+        logits_grad = match_logits_grad(lsm_bwd.grad_input, chain, terms)
         site.backward = (lsm_bwd, nll_bwd, logits_grad)
+    elif any(lse.grad_term is not None for lse in site.lse_uses):
+        raise NoMatch("log_softmax_backward_form", "a logsumexp has a backward, the cross-entropy none")
     _check_users(site)
     return site
 
 
-def _check_log_softmax_users(lsm: LogSoftmax, post_views: list) -> None:
-    """In the forward, log-probs feed one gather (and aliases saved for backward); say why not."""
+def _match_lse_uses(site: Site) -> list:
+    """logsumexps of the scored logits (z-loss), with their backward terms."""
+    chain, lsm = site.chain, site.log_softmax
+    found = []
+    for node in chain.nodes:
+        for user in node.users:
+            if not is_op(user, aten.amax.default, aten.logsumexp.default) or user in lsm.nodes:
+                continue
+            if not chain.scored(node):
+                raise NoMatch("logits_other_users", f"logsumexp of {node.name}: not the scored fp32 logits")
+            lse = match_logsumexp(node, user)
+            match_logsumexp_backward(lse)
+            found.append(lse)
+    return found
+
+
+def _check_log_softmax_users(lsm: LogSoftmax, post_views: list, log_probs: Node) -> Optional[ClassSum]:
+    """In the forward, log-probs feed one gather (and aliases saved for backward), and at most one
+    sum over the classes (label smoothing); say why not. Returns that sum."""
     for node in lsm.nodes[:-1]:
         if any(u not in lsm.nodes for u in node.users):
             raise NoMatch("log_softmax_other_users", f"{node.name} is read outside the log-softmax")
-    log_probs = [lsm.output] + post_views
-    for user in [u for n in log_probs for u in n.users]:
+    class_sum = None
+    for user in [u for n in [lsm.output] + post_views for u in n.users]:
         if is_op(user, aten.gather.default, aten.alias.default) or user in post_views:
             continue
         if is_op(user, torch.ops.prims.convert_element_type.default):
@@ -138,16 +182,32 @@ def _check_log_softmax_users(lsm: LogSoftmax, post_views: list) -> None:
         if is_op(user, aten.mul.Tensor) and any(len(shape(a)) <= 2 and shape(a)[:1] in ((1,), (shape(lsm.output)[-1],))
                                                  for a in user.args if a is not lsm.output):
             raise NoMatch("class_weights", "per-class weights multiply the log-probs")
+        found = match_class_sum(user, log_probs)
+        if found is not None and class_sum is None:
+            class_sum = found
+            continue
         if is_op(user, aten.sum.dim_IntList, aten.mean.dim, aten.sum.default, aten.mean.default):
-            raise NoMatch("label_smoothing", "the log-probs are summed over the classes")
+            raise NoMatch("label_smoothing", "the log-probs are reduced in a form not fused "
+                                             "(only one sum over the classes of what the loss reads)")
         raise NoMatch("log_softmax_other_users", f"{lsm.output.name} is also read by {user.name}")
+    return class_sum
 
 
 def _region(site: Site) -> tuple:
     """(internal nodes, boundary outputs): internal nodes may only feed the region."""
     internal = list(site.chain.nodes) + list(site.log_softmax.nodes) + site.post_views + list(site.nll.nodes)
     internal += [a for a in aliases(site.log_softmax.output) if a is not site.log_softmax.output]
+    if site.cast is not None:
+        internal += aliases(site.cast)[1:]
+    if site.chain.softcap is not None:
+        internal += saved_tanh(site.chain.softcap)
     outputs = [site.nll.loss_tok]
+    if site.class_sum is not None:
+        outputs.append(site.class_sum.output)
+        internal += site.class_sum.grad_nodes
+    for lse in site.lse_uses:
+        internal += lse.nodes + lse.grad_nodes
+        outputs.append(lse.output)
     if site.backward:
         lsm_bwd, nll_bwd, grad = site.backward
         internal += nll_bwd.nodes + lsm_bwd.nodes + grad.nodes
@@ -220,14 +280,17 @@ def _ops_for(device_type: str):
 _ROW_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default)
 
 
-def _row_index(emit: _Emitter, anchor: Node, chain: LogitsChain, post_views: list) -> Node:
-    """[N'] int64: for each logits row the loss reads, its row in the matmul output.
-    Replays the forward path on ``arange(N)`` with the class dim replaced by 1."""
+def _row_index(emit: _Emitter, anchor: Node, chain: LogitsChain, steps: list) -> Optional[Node]:
+    """[R] int64: for each row of the node reached by ``steps`` (the path after the matmul), its row
+    in the matmul output; None when the path only reshapes (rows keep their order).
+    Replays the path on ``arange(N)`` with the class dim replaced by 1."""
+    if not any(is_op(step, aten.slice.Tensor) for step in steps):
+        return None
     n_rows = emit.size(anchor, chain.matmul, 0)
     rows = emit(anchor, torch.ops.prims.iota.default, n_rows, start=0, step=1, dtype=torch.int64,
                 device=chain.matmul.meta["val"].device, requires_grad=False)
     node = emit(anchor, aten.view.default, rows, [n_rows, 1])
-    for step in chain.nodes[1:] + post_views:
+    for step in steps:
         if is_op(step, aten.slice.Tensor):
             node = emit(anchor, aten.slice.Tensor, node, *step.args[1:], **step.kwargs)
         elif is_op(step, aten.view.default, aten.reshape.default, aten._unsafe_view.default):
@@ -236,40 +299,95 @@ def _row_index(emit: _Emitter, anchor: Node, chain: LogitsChain, post_views: lis
     return emit(anchor, aten.reshape.default, node, [-1])
 
 
+def _steps_to(chain: LogitsChain, node: Node) -> list:
+    return chain.nodes[1: chain.nodes.index(node) + 1]
+
+
+class _Rows:
+    """Per-row values of the op ([N], one per matmul row) <-> the rows some node of the graph has."""
+
+    def __init__(self, emit: _Emitter, anchor: Node, chain: LogitsChain, row_index: Optional[Node]):
+        self.emit, self.anchor, self.chain, self.row_index = emit, anchor, chain, row_index
+
+    def take(self, values: Node, like: Node, size_source: Optional[Node] = None) -> Node:
+        """``values`` [N] -> the rows ``like`` holds, in ``like``'s shape and dtype. Symbolic sizes of a
+        multi-dim ``like`` are read off ``size_source`` (a region node with the same leading dims: reading
+        them off ``like`` would make its replacement depend on itself)."""
+        emit, anchor = self.emit, self.anchor
+        out = values if self.row_index is None else emit(anchor, aten.index.Tensor, values, [self.row_index])
+        if len(shape(like)) != 1:
+            sizes = [s if isinstance(s, int) else emit.size(anchor, size_source, d) for d, s in enumerate(shape(like))]
+            out = emit(anchor, aten.reshape.default, out, sizes)
+        if dtype(like) != torch.float32:
+            out = emit(anchor, prims.convert_element_type.default, out, dtype(like))
+        return out
+
+    def put(self, grad: Node, anchor: Node) -> Node:
+        """The gradient of some rows -> fp32 [N] (0 on rows the node does not hold)."""
+        emit = self.emit
+        flat = emit(anchor, aten.reshape.default, grad, [-1])
+        if dtype(grad) != torch.float32:
+            flat = emit(anchor, prims.convert_element_type.default, flat, torch.float32)
+        if self.row_index is None:
+            return flat
+        zeros = emit(anchor, aten.full.default, [emit.size(anchor, self.chain.matmul, 0)], 0.0,
+                     dtype=torch.float32, device=grad.meta["val"].device)
+        return emit(anchor, aten.scatter.src, zeros, 0, self.row_index, flat)
+
+
 def rewrite(graph: Graph, site: Site, fake_mode) -> None:
     chain, nll = site.chain, site.nll
     emit = _Emitter(graph, fake_mode)
     fwd_op, bwd_op = _ops_for(chain.hidden.meta["val"].device.type)
-    anchor = nll.loss_tok
+    softcap = chain.softcap.cap if chain.softcap is not None else 0.0
+    anchor = min([nll.loss_tok] + ([site.class_sum.output] if site.class_sum else [])
+                 + [lse.output for lse in site.lse_uses], key=_position(graph))
     target = nll.target
     if target.meta["val"].dtype != torch.int64:
-        target = emit(anchor, torch.ops.prims.convert_element_type.default, target, torch.int64)
-    row_index = None
-    if chain.slices:
+        target = emit(anchor, prims.convert_element_type.default, target, torch.int64)
+    row_index = _row_index(emit, anchor, chain, chain.nodes[1:] + site.post_views)
+    loss_rows = _Rows(emit, anchor, chain, row_index)
+    if row_index is not None:
         # The loss reads a subset of the matmul's rows (logits[..., :-1, :]): score every
         # row, with ignore_index on the rows the loss does not read.
-        row_index = _row_index(emit, anchor, chain, site.post_views)
         n_rows = emit.size(anchor, chain.matmul, 0)
         filled = emit(anchor, aten.full.default, [n_rows], nll.ignore_index, dtype=torch.int64,
                       device=target.meta["val"].device)
         target = emit(anchor, aten.scatter.src, filled, 0, row_index, target)
-    out = emit(anchor, fwd_op, chain.hidden, chain.weight, chain.bias, target, nll.ignore_index)
-    loss_rows = emit(anchor, operator.getitem, out, 0)
-    lse = emit(anchor, operator.getitem, out, 1)
-    loss_tok = loss_rows if row_index is None else emit(anchor, aten.index.Tensor, loss_rows, [row_index])
-    nll.loss_tok.replace_all_uses_with(loss_tok)
+    out = emit(anchor, fwd_op, chain.hidden, chain.weight, chain.bias, target, nll.ignore_index, softcap)
+    loss, lse, sum_logits = (emit(anchor, operator.getitem, out, i) for i in range(3))
+    new_loss_tok = loss_rows.take(loss, nll.loss_tok)
+    nll.loss_tok.replace_all_uses_with(new_loss_tok)
+    num_classes = emit.size(anchor, chain.weight, 0)
+    if site.class_sum is not None:
+        # sum_v log_softmax = sum_v logits - V * lse
+        class_sum = emit(anchor, aten.sub.Tensor, sum_logits, emit(anchor, aten.mul.Tensor, lse, num_classes))
+        site.class_sum.output.replace_all_uses_with(
+            loss_rows.take(class_sum, site.class_sum.output, site.class_sum.output.args[0]))
+    lse_rows = []
+    for use in site.lse_uses:
+        rows = _Rows(emit, anchor, chain, _row_index(emit, anchor, chain, _steps_to(chain, use.input)))
+        use.output.replace_all_uses_with(rows.take(lse, use.output, use.input))
+        lse_rows.append(rows)
 
     if site.backward:
         _, nll_bwd, grad = site.backward
         grads = [n for n in (grad.grad_hidden, grad.grad_weight, grad.grad_bias) if n is not None]
         anchor = min(grads, key=_position(graph))
-        grad_tok = emit(anchor, aten.reshape.default, nll_bwd.grad_tok, [-1])
-        if row_index is not None:
-            zeros = emit(anchor, aten.full.default, [emit.size(anchor, chain.matmul, 0)], 0.0,
-                         dtype=torch.float32, device=loss_rows.meta["val"].device)
-            grad_tok = emit(anchor, aten.scatter.src, zeros, 0, row_index, grad_tok)
-        outs = emit(anchor, bwd_op, grad_tok, None, chain.hidden, chain.weight, chain.bias, target, lse,
-                    nll.ignore_index)
+        grad_loss = loss_rows.put(nll_bwd.grad_tok, anchor)
+        grad_lse, grad_sum = [], None
+        if site.class_sum is not None and site.class_sum.grad is not None:
+            grad_sum = loss_rows.put(site.class_sum.grad, anchor)
+            # class_sum = sum_logits - V * lse: its gradient g goes to sum_logits as g, to lse as -V * g
+            grad_lse.append(emit(anchor, aten.neg.default, emit(anchor, aten.mul.Tensor, grad_sum, num_classes)))
+        for use, rows in zip(site.lse_uses, lse_rows):
+            if use.grad is not None:
+                grad_lse.append(rows.put(use.grad, anchor))
+        total_grad_lse = None
+        for term in grad_lse:
+            total_grad_lse = term if total_grad_lse is None else emit(anchor, aten.add.Tensor, total_grad_lse, term)
+        outs = emit(anchor, bwd_op, grad_loss, total_grad_lse, grad_sum, chain.hidden, chain.weight, chain.bias,
+                    target, lse, nll.ignore_index, softcap)
         if grad.grad_hidden is not None:
             grad.grad_hidden.replace_all_uses_with(emit(anchor, operator.getitem, outs, 0))
         if grad.grad_weight is not None:
@@ -281,7 +399,19 @@ def rewrite(graph: Graph, site: Site, fake_mode) -> None:
             grad_bias = emit(anchor, operator.getitem, outs, 2)
             grad_bias = emit(anchor, aten.reshape.default, grad_bias, list(shape(grad.grad_bias)))
             grad.grad_bias.replace_all_uses_with(grad_bias)
-    _repoint_sizes(site, [loss_tok, nll.target, chain.hidden])
+    _repoint_sizes(site, _label_views(nll.target) + [chain.hidden, new_loss_tok])
+
+
+def _label_views(target: Node) -> list:
+    """The targets and the label tensors they are views / slices of (labels[..., 1:] has the
+    [B, T - 1] sizes a flat target lost)."""
+    out = [target]
+    node = target
+    while is_op(node, aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
+                aten.slice.Tensor, prims.convert_element_type.default) and isinstance(node.args[0], Node):
+        node = node.args[0]
+        out.append(node)
+    return out
 
 
 def _repoint_sizes(site: Site, sources: list) -> None:
@@ -293,11 +423,18 @@ def _repoint_sizes(site: Site, sources: list) -> None:
         if not is_op(node, aten.sym_size.int) or all(u in region for u in node.users):
             continue
         size = node.meta["val"]
+        order = _position(node.graph)
         for src in sources:
             dims = [d for d, s in enumerate(src.meta["val"].shape) if same_size(s, size)]
-            if dims:
-                node.args = (src, dims[0])
-                break
+            if not dims:
+                continue
+            if order(src) > order(node):
+                # read it after the source; fine when every surviving reader comes later still
+                if any(order(u) <= order(src) for u in node.users if u not in region):
+                    continue
+                src.append(node)
+            node.args = (src, dims[0])
+            break
         else:
             raise NoMatch("dynamic_size_use", f"{node.name} has no surviving source")
 
@@ -352,10 +489,13 @@ class LinearCrossEntropyPass(CustomGraphPass):
     inference graphs; ``inductor_lce.options()`` does both.
     """
 
-    def __init__(self, *, report_training_graphs: bool = True):
+    def __init__(self, *, report_training_graphs: bool = True, low_precision_logits: bool = False):
         # options() puts a second instance in the post-grad slot behind the joint one; that
         # one stays quiet on training graphs, whose sites the joint pass already judged.
         self.report_training_graphs = report_training_graphs
+        # also rewrite a loss on bf16/fp16 logits (no .float(), nanoGPT): the fused loss is then
+        # computed in fp32 and more accurate than eager's, so not bit-equal to it (opt-in)
+        self.low_precision_logits = low_precision_logits
 
     def __call__(self, graph: Graph) -> None:
         sites = find_sites(graph)
@@ -374,7 +514,7 @@ class LinearCrossEntropyPass(CustomGraphPass):
         fake_mode = _fake_mode(graph)
         for site in sites:
             try:
-                analyze(site)
+                analyze(site, self.low_precision_logits)
             except NoMatch as e:
                 self._skip(site, e.reason, e.detail)
                 continue
@@ -419,7 +559,8 @@ class LinearCrossEntropyPass(CustomGraphPass):
             )
 
     def uuid(self) -> str:
-        return f"{get_hash_for_files(_source_files()).hex()}-{int(self.report_training_graphs)}"
+        flags = f"{int(self.report_training_graphs)}{int(self.low_precision_logits)}"
+        return f"{get_hash_for_files(_source_files()).hex()}-{flags}"
 
 
 def _snapshot(graph: Graph) -> Graph:
@@ -430,7 +571,10 @@ def _snapshot(graph: Graph) -> Graph:
 
 
 def _restore(graph: Graph, snapshot: Graph) -> None:
-    for node in reversed(list(graph.nodes)):
+    nodes = list(graph.nodes)
+    for node in nodes:  # cut every edge first: a half-done rewrite need not be in topological order
+        node.args, node.kwargs = (), {}
+    for node in reversed(nodes):
         graph.erase_node(node)
     out = graph.graph_copy(snapshot, {})
     graph.output(out)

@@ -1,19 +1,22 @@
 """The custom ops behind the rewrite, their autograd, and the public function.
 
 Two ops, registered with ``torch.library`` under the ``inductor_lce`` namespace,
-work on flattened tokens (``hidden`` [N, D], ``target`` [N]):
+work on flattened tokens (``hidden`` [N, D], ``target`` [N]); the math is in
+``reference.py``:
 
-* ``inductor_lce::lce_forward(hidden, weight, bias, target, ignore_index)``
-  -> ``(loss [N] fp32, lse [N] fp32)``: per-token negative log-likelihood (0 where
-  the target is ``ignore_index``) and the log-sum-exp of the logits.
-* ``inductor_lce::lce_backward(grad_loss, grad_lse, hidden, weight, bias, target, lse, ignore_index)``
-  -> ``(grad_hidden [N, D], grad_weight [V, D], grad_bias [V] or [0])``.
+* ``inductor_lce::lce_forward(hidden, weight, bias, target, ignore_index, softcap=0.0)``
+  -> ``(loss [N], lse [N], sum_logits [N])``, all fp32: per-token negative
+  log-likelihood (0 where the target is ``ignore_index``), the log-sum-exp of the
+  (soft-capped) logits, and their sum over the classes (what label smoothing reads).
+* ``inductor_lce::lce_backward(grad_loss, grad_lse, grad_sum_logits, hidden, weight, bias, target, lse,
+  ignore_index, softcap=0.0)`` -> ``(grad_hidden [N, D], grad_weight [V, D], grad_bias [V] or [0])``.
 
-Reductions (mean / sum / none) and the causal shift are plain PyTorch around the
-ops, so the graph pass can keep whatever reduction the user's graph computes.
-The device implementation is pluggable: the default kernel is the chunked
-reference (``reference.py``); ``inductor_lce.lowerings`` registers faster
-kernels per device with ``register_kernel``.
+``softcap > 0`` scores ``softcap * tanh(logits / softcap)`` (Gemma 2's final logit
+soft-capping) instead of the logits.  Reductions (mean / sum / none), label
+smoothing, z-loss and the causal shift are plain PyTorch on the three outputs, so
+the graph pass can keep whatever the user's graph computes around them.  The
+device implementation is pluggable: the default kernel is the chunked reference;
+``inductor_lce.lowerings`` registers faster kernels per device with ``register_kernel``.
 """
 from __future__ import annotations
 
@@ -29,40 +32,55 @@ _NO_GRAD_BIAS_SHAPE = (0,)
 
 @torch.library.custom_op("inductor_lce::lce_forward", mutates_args=())
 def lce_forward(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int
-) -> tuple[Tensor, Tensor]:
-    return lce_forward_reference(hidden, weight, bias, target, ignore_index)
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+    softcap: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    check_softcap(softcap)
+    return lce_forward_reference(hidden, weight, bias, target, ignore_index, softcap)
 
 
-@lce_forward.register_fake
-def _lce_forward_fake(hidden, weight, bias, target, ignore_index):
+def lce_forward_fake(hidden, weight, bias, target, ignore_index, softcap=0.0):
     n = hidden.shape[0]
-    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+    return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
+
+
+lce_forward.register_fake(lce_forward_fake)
 
 
 @torch.library.custom_op("inductor_lce::lce_backward", mutates_args=())
 def lce_backward(
     grad_loss: Tensor,
     grad_lse: Optional[Tensor],
+    grad_sum_logits: Optional[Tensor],
     hidden: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
     target: Tensor,
     lse: Tensor,
     ignore_index: int,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    check_softcap(softcap)
     grad_hidden, grad_weight, grad_bias = lce_backward_reference(
-        grad_loss, grad_lse, hidden, weight, bias, target, lse, ignore_index
+        grad_loss, grad_lse, grad_sum_logits, hidden, weight, bias, target, lse, ignore_index, softcap
     )
     if grad_bias is None:
         grad_bias = weight.new_empty(_NO_GRAD_BIAS_SHAPE)
     return grad_hidden, grad_weight, grad_bias
 
 
-@lce_backward.register_fake
-def _lce_backward_fake(grad_loss, grad_lse, hidden, weight, bias, target, lse, ignore_index):
+def lce_backward_fake(grad_loss, grad_lse, grad_sum_logits, hidden, weight, bias, target, lse, ignore_index,
+                      softcap=0.0):
     grad_bias = weight.new_empty(_NO_GRAD_BIAS_SHAPE) if bias is None else torch.empty_like(bias)
     return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
+
+
+lce_backward.register_fake(lce_backward_fake)
+
+
+def check_softcap(softcap: float) -> None:
+    if not softcap >= 0.0 or softcap == float("inf"):
+        raise ValueError(f"softcap must be a finite number >= 0 (0 = off), got {softcap}")
 
 
 def register_lce_autograd(forward_op, backward_op) -> None:
@@ -70,21 +88,23 @@ def register_lce_autograd(forward_op, backward_op) -> None:
     lce_backward's schema (used for these ops and for the per-device Triton ops)."""
 
     def setup_context(ctx, inputs, output):
-        hidden, weight, bias, target, ignore_index = inputs
-        _, lse = output
+        hidden, weight, bias, target, ignore_index, softcap = inputs
+        _, lse, _ = output
         ctx.save_for_backward(hidden, weight, bias, target, lse)
         ctx.ignore_index = ignore_index
+        ctx.softcap = softcap
         ctx.has_bias = bias is not None
 
-    def backward(ctx, grad_loss, grad_lse):
+    def backward(ctx, grad_loss, grad_lse, grad_sum_logits):
         hidden, weight, bias, target, lse = ctx.saved_tensors
         if grad_loss is None:
             grad_loss = torch.zeros_like(lse)
+        as_fp32 = lambda g: None if g is None else g.float()  # noqa: E731
         grad_hidden, grad_weight, grad_bias = backward_op(
-            grad_loss.float(), None if grad_lse is None else grad_lse.float(),
-            hidden, weight, bias, target, lse, ctx.ignore_index,
+            grad_loss.float(), as_fp32(grad_lse), as_fp32(grad_sum_logits),
+            hidden, weight, bias, target, lse, ctx.ignore_index, ctx.softcap,
         )
-        return grad_hidden, grad_weight, (grad_bias if ctx.has_bias else None), None, None
+        return grad_hidden, grad_weight, (grad_bias if ctx.has_bias else None), None, None, None
 
     forward_op.register_autograd(backward, setup_context=setup_context)
 
@@ -110,18 +130,25 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     shift: bool = False,
+    label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
 ) -> Tensor:
     """``F.cross_entropy(F.linear(hidden, weight, bias).float().flatten(0, -2), labels.flatten(), ...)``
     without materializing the [N, V] logits.
 
     hidden: [..., D]; weight: [V, D]; labels: [...] (hidden's leading shape), integer.
     ``shift=True`` scores hidden position t against ``labels[..., t + 1]`` (the causal
-    LM shift; the last position of each sequence is dropped). Returns float32: a scalar
-    for ``mean`` / ``sum``, one value per scored token shaped like ``labels`` (or
-    ``labels[..., 1:]`` with ``shift``) for ``none``.
+    LM shift; the last position of each sequence is dropped). ``label_smoothing`` is
+    ``F.cross_entropy``'s; ``softcap=c`` scores ``c * tanh(logits / c)`` (Gemma 2).
+    Returns float32: a scalar for ``mean`` / ``sum``, one value per scored token shaped
+    like ``labels`` (or ``labels[..., 1:]`` with ``shift``) for ``none``.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    softcap = 0.0 if softcap is None else float(softcap)
+    check_softcap(softcap)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
@@ -143,7 +170,13 @@ def linear_cross_entropy(
         raise ValueError("shift=True needs labels with a sequence dimension")
     target = shift_targets(labels, ignore_index) if shift else labels
     target = target.reshape(-1).long()
-    loss, _ = lce_forward(hidden.reshape(-1, hidden.shape[-1]), weight, bias, target, ignore_index)
+    loss, lse, sum_logits = lce_forward(hidden.reshape(-1, hidden.shape[-1]), weight, bias, target, ignore_index,
+                                        softcap)
+    if label_smoothing:
+        # F.cross_entropy: (1 - eps) * nll + eps / V * (-sum_v log_softmax), 0 on ignored tokens
+        num_classes = weight.shape[0]
+        smooth = torch.where(target != ignore_index, num_classes * lse - sum_logits, 0.0)
+        loss = (1 - label_smoothing) * loss + (label_smoothing / num_classes) * smooth
     if reduction == "none":
         loss = loss.view(labels.shape)
         return loss[..., :-1] if shift else loss

@@ -5,13 +5,16 @@ every kernel is tested against.  For token ``n`` with hidden row ``h_n`` [D],
 weight ``W`` [V, D], optional bias ``b`` [V] and target ``y_n``:
 
     z_n        = h_n @ W.T + b              # [V], rounded to h's dtype, then fp32 (like eager `.float()`)
-    lse_n      = log(sum_v exp(z_nv))       # fp32
-    loss_n     = lse_n - z_{n, y_n}         # 0 where y_n == ignore_index
+    s_n        = c * tanh(z_n / c)          # fp32; only with a logit soft-cap c > 0 (Gemma 2), else s_n = z_n
+    lse_n      = log(sum_v exp(s_nv))       # fp32
+    loss_n     = lse_n - s_{n, y_n}         # 0 where y_n == ignore_index
+    sum_n      = sum_v s_nv                 # label smoothing reads it: -sum_v log_softmax = V * lse_n - sum_n
 
-Backward, given per-token incoming gradients ``g_n`` (for loss_n) and
-``g_lse_n`` (for lse_n, e.g. from a z-loss):
+Backward, given per-token incoming gradients ``g_n`` (for loss_n), ``g_lse_n``
+(for lse_n, e.g. from a z-loss) and ``g_sum_n`` (for sum_n):
 
-    grad_logits_nv = softmax(z_n)_v * (g_n + g_lse_n) - [v == y_n] * g_n     # g_n := 0 where ignored
+    grad_s_nv      = softmax(s_n)_v * (g_n + g_lse_n) - [v == y_n] * g_n + g_sum_n   # g_n := 0 where ignored
+    grad_logits_nv = grad_s_nv * (1 - (s_nv / c)**2)  # with a soft-cap, else grad_s; rounded to h's dtype
     grad_hidden    = grad_logits @ W                  # [N, D]
     grad_weight    = grad_logits.T @ h                # [V, D], accumulated in fp32 over chunks
     grad_bias      = grad_logits.sum(0)               # [V]
@@ -46,9 +49,11 @@ def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
         raise IndexError(f"Target {value} is out of bounds.")
 
 
-def _logits(hidden_chunk: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    # [C, V]: computed in the input dtype (as F.linear would), then upcast like `.float()`.
-    return torch.nn.functional.linear(hidden_chunk, weight, bias).float()
+def _logits(hidden_chunk: Tensor, weight: Tensor, bias: Optional[Tensor], softcap: float) -> Tensor:
+    # [C, V]: computed in the input dtype (as F.linear would), then upcast like `.float()`;
+    # soft-capped in fp32 (eager Gemma 2 rounds each of its three steps to the input dtype).
+    logits = torch.nn.functional.linear(hidden_chunk, weight, bias).float()
+    return logits if not softcap else torch.tanh(logits / softcap) * softcap
 
 
 def lce_forward_reference(
@@ -57,35 +62,40 @@ def lce_forward_reference(
     bias: Optional[Tensor],    # [V] or None
     target: Tensor,            # [N] int
     ignore_index: int,
+    softcap: float = 0.0,
     chunk_size: Optional[int] = None,
-) -> tuple[Tensor, Tensor]:
-    """Per-token loss [N] (0 where ignored) and log-sum-exp [N], both fp32."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token loss [N] (0 where ignored), log-sum-exp [N] and sum of the logits [N], all fp32."""
     N, V = hidden.shape[0], weight.shape[0]
     check_targets(target, V, ignore_index)
     chunk = chunk_size or chunk_rows(V)
     loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    sum_logits = torch.empty(N, dtype=torch.float32, device=hidden.device)
     for start in range(0, N, chunk):
         rows = slice(start, min(start + chunk, N))
-        logits = _logits(hidden[rows], weight, bias)                        # [C, V]
+        logits = _logits(hidden[rows], weight, bias, softcap)               # [C, V]
         lse_c = torch.logsumexp(logits, dim=-1)                             # [C]
         y = target[rows]
         valid = y != ignore_index
         target_logit = logits.gather(1, torch.where(valid, y, 0).unsqueeze(1)).squeeze(1)
         loss[rows] = torch.where(valid, lse_c - target_logit, 0.0)
         lse[rows] = lse_c
-    return loss, lse
+        sum_logits[rows] = logits.sum(-1)
+    return loss, lse, sum_logits
 
 
 def lce_backward_reference(
     grad_loss: Tensor,           # [N] fp32
     grad_lse: Optional[Tensor],  # [N] fp32 or None
+    grad_sum_logits: Optional[Tensor],  # [N] fp32 or None
     hidden: Tensor,              # [N, D]
     weight: Tensor,              # [V, D]
     bias: Optional[Tensor],      # [V] or None
     target: Tensor,              # [N] int
     lse: Tensor,                 # [N] fp32
     ignore_index: int,
+    softcap: float = 0.0,
     chunk_size: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """grad_hidden [N, D], grad_weight [V, D], grad_bias [V] (None without bias)."""
@@ -102,9 +112,13 @@ def lce_backward_reference(
         valid = y != ignore_index
         g = torch.where(valid, grad_loss[rows].float(), 0.0)               # [C]
         g_total = g if grad_lse is None else g + grad_lse[rows].float()
-        probs = torch.exp(_logits(h, weight, bias) - lse[rows].unsqueeze(1))  # [C, V]
-        grad_logits = probs * g_total.unsqueeze(1)
+        logits = _logits(h, weight, bias, softcap)                          # [C, V]
+        grad_logits = torch.exp(logits - lse[rows].unsqueeze(1)) * g_total.unsqueeze(1)
         grad_logits.scatter_add_(1, torch.where(valid, y, 0).unsqueeze(1), -g.unsqueeze(1))
+        if grad_sum_logits is not None:
+            grad_logits += grad_sum_logits[rows].float().unsqueeze(1)
+        if softcap:
+            grad_logits *= 1 - (logits / softcap) ** 2                      # d(c tanh(z/c))/dz
         grad_logits_lp = grad_logits.to(hidden.dtype)                        # what eager feeds its mm
         grad_hidden[rows] = grad_logits_lp @ weight
         grad_weight.addmm_(grad_logits_lp.t().to(acc_dtype), h.to(acc_dtype))

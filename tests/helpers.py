@@ -38,10 +38,10 @@ def _output_vals(graph):
     return vals
 
 
-def compile_recorded(fn, **compile_kwargs):
-    """torch.compile(fn, options=inductor_lce.options()) plus recorders around the joint pass
-    (before / after) and in front of the post-grad pass. Returns (compiled, recorders)."""
-    opts = inductor_lce.options()
+def compile_recorded(fn, options=None, **compile_kwargs):
+    """torch.compile(fn, options=inductor_lce.options()) (or the given ``options``) plus recorders
+    around the joint pass (before / after) and in front of the post-grad pass. Returns (compiled, recorders)."""
+    opts = dict(inductor_lce.options() if options is None else options)
     joint_before, joint_after, post_grad = Recorder(), Recorder(), Recorder()
     opts["joint_custom_pre_pass"] = ChainedPass(joint_before, opts["joint_custom_pre_pass"], joint_after)
     opts["post_grad_custom_pre_pass"] = ChainedPass(post_grad, opts["post_grad_custom_pre_pass"])

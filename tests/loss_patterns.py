@@ -48,8 +48,38 @@ def reshape_3d(h, w, y, ignore_index=-100, reduction="mean"):
                            reduction=reduction)
 
 
+def _featured(h, w, y, ignore_index, reduction, label_smoothing=0.0, softcap=None, z_loss=0.0, shift=False):
+    """Label smoothing, Gemma-style soft-cap and a PaLM-style z-loss on top of the [B, T, V] loss."""
+    logits = F.linear(h, w)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.float()
+    if shift:
+        logits, y = logits[..., :-1, :], y[..., 1:]
+    flat = logits.reshape(-1, logits.shape[-1])
+    loss = F.cross_entropy(flat, y.reshape(-1), ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    if z_loss:
+        z_squared = torch.logsumexp(flat, -1).square()
+        loss = loss + z_loss * (z_squared if reduction == "none" else z_squared.mean())
+    return loss
+
+
+def label_smoothed(h, w, y, ignore_index=-100, reduction="mean"):
+    return _featured(h, w, y, ignore_index, reduction, label_smoothing=0.2)
+
+
+def softcapped_z_loss(h, w, y, ignore_index=-100, reduction="mean"):
+    return _featured(h, w, y, ignore_index, reduction, softcap=3.0, z_loss=1e-2)
+
+
+def all_features_shifted(h, w, y, ignore_index=-100, reduction="mean"):
+    return _featured(h, w, y, ignore_index, reduction, label_smoothing=0.1, softcap=5.0, z_loss=1e-3, shift=True)
+
+
 PATTERNS_2D = [plain_2d]
 PATTERNS_3D = [view_3d, flatten_3d, reshape_3d, shift_slice, shift_pad]
+FEATURES_3D = [label_smoothed, softcapped_z_loss, all_features_shifted]
 ALL = PATTERNS_2D + PATTERNS_3D
 
 

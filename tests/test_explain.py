@@ -16,15 +16,16 @@ def test_explain_api_reports_rewrite_and_skip(capsys):
 
     def two_losses(h, w, y):
         good = F.cross_entropy(F.linear(h, w).float().flatten(0, 1), y.flatten())
-        smooth = F.cross_entropy(F.linear(h * 2, w).float().flatten(0, 1), y.flatten(), label_smoothing=0.1)
-        return good + smooth
+        weighted = F.cross_entropy(F.linear(h * 2, w).float().flatten(0, 1), y.flatten(),
+                                   weight=torch.linspace(0.5, 1.5, 33))
+        return good + weighted
 
     report = inductor_lce.explain(two_losses, h, w, y)
     decisions = sorted((r["decision"], r["reason"]) for r in report)
-    assert decisions == [("rewritten", "forward+backward"), ("skipped", "label_smoothing")]
+    assert decisions == [("rewritten", "forward+backward"), ("skipped", "class_weights")]
     assert all("two_losses" in r["where"] for r in report)
     out = capsys.readouterr().out
-    assert "label_smoothing" in out and "rewritten" in out
+    assert "class_weights" in out and "rewritten" in out
 
 
 def test_explain_cli_runs_a_script(tmp_path):

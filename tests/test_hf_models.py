@@ -50,14 +50,10 @@ def _check(name, num_items_in_batch):
 
 
 @pytest.mark.parametrize("num_items_in_batch", [None, 20])
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "gemma2"])
 def test_causal_lm_loss_rewritten(name, num_items_in_batch):
+    """Gemma2: the final logit soft-capping (tanh(x / 30) * 30) between lm_head and loss is fused too."""
     rec = _check(name, num_items_in_batch)
     assert rewrites() == 1, skips()
+    assert not skips()
     assert max(saved_numels(rec["post_grad"])) < 2 * T * V
-
-
-def test_gemma2_softcapping_not_fused_yet():
-    """Final logit soft-capping sits between the lm_head and the loss: left alone, counted."""
-    _check("gemma2", None)
-    assert rewrites() == 0 and skips() == {"skip_logits_path_op": 1}

@@ -72,34 +72,58 @@ def test_all_ignored_mean_is_nan_like_eager():
 
 def test_chunking_does_not_change_the_result():
     h, w, b, y = _inputs((50,), 37, 16, torch.float64, True, -100)
-    full = lce_forward_reference(h, w, b, y, -100, chunk_size=1000)
-    for chunk in (1, 7, 49):
-        for a, r in zip(lce_forward_reference(h, w, b, y, -100, chunk_size=chunk), full):
-            torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-7)
-    g = torch.randn(50, dtype=torch.float32)
-    full_b = lce_backward_reference(g, None, h, w, b, y, full[1], -100, chunk_size=1000)
-    for a, r in zip(lce_backward_reference(g, None, h, w, b, y, full[1], -100, chunk_size=3), full_b):
-        torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-7)  # fp32 sums in another order
+    for softcap in (0.0, 2.5):
+        full = lce_forward_reference(h, w, b, y, -100, softcap, chunk_size=1000)
+        for chunk in (1, 7, 49):
+            for a, r in zip(lce_forward_reference(h, w, b, y, -100, softcap, chunk_size=chunk), full):
+                torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-7)
+        g, g_lse, g_sum = torch.randn(3, 50, dtype=torch.float32)
+        full_b = lce_backward_reference(g, g_lse, g_sum, h, w, b, y, full[1], -100, softcap, chunk_size=1000)
+        for a, r in zip(lce_backward_reference(g, g_lse, g_sum, h, w, b, y, full[1], -100, softcap, chunk_size=3),
+                        full_b):
+            torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-7)  # fp32 sums in another order
 
 
-def test_grad_lse_flows_like_logsumexp():
-    h, w, b, y = _inputs((9,), 37, 16, torch.float64, False, -100)
-    loss, lse = lce_forward(h, w, None, y, -100)
-    z = (lse ** 2).sum() + loss.sum()
-    logits = F.linear(h, w).float()
-    ref = (torch.logsumexp(logits, -1) ** 2).sum() + F.cross_entropy(logits, y, reduction="sum")
+@pytest.mark.parametrize("softcap", [0.0, 2.0])
+def test_lse_and_sum_logits_flow_like_eager(softcap):
+    """All three outputs are differentiable: a z-loss on lse and label smoothing on sum_logits."""
+    h, w, b, y = _inputs((9,), 37, 16, torch.float64, True, -100)
+    loss, lse, sum_logits = lce_forward(h, w, b, y, -100, softcap)
+    z = (lse ** 2).sum() + loss.sum() - 0.3 * sum_logits.sum()
+    logits = F.linear(h, w, b).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    ref = (torch.logsumexp(logits, -1) ** 2).sum() + F.cross_entropy(logits, y, reduction="sum") \
+        - 0.3 * logits.sum()
     torch.testing.assert_close(z.double(), ref.double(), rtol=1e-6, atol=1e-6)
-    for a, r in zip(torch.autograd.grad(z, (h, w)), torch.autograd.grad(ref, (h, w))):
+    for a, r in zip(torch.autograd.grad(z, (h, w, b)), torch.autograd.grad(ref, (h, w, b))):
+        torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shift", [False, True])
+def test_label_smoothing_and_softcap_like_eager(reduction, shift):
+    h, w, b, y = _inputs((3, 5), 37, 16, torch.float64, False, -100)
+    ours = inductor_lce.linear_cross_entropy(h, w, y, reduction=reduction, shift=shift, label_smoothing=0.15,
+                                             softcap=4.0)
+    logits = torch.tanh(F.linear(h, w).float() / 4.0) * 4.0
+    labels = y
+    if shift:
+        logits, labels = logits[:, :-1], y[:, 1:]
+    theirs = F.cross_entropy(logits.reshape(-1, 37), labels.reshape(-1), reduction=reduction, label_smoothing=0.15)
+    torch.testing.assert_close(ours.double(), theirs.double().view_as(ours), rtol=1e-6, atol=1e-6)
+    for a, r in zip(_grads(ours, (h, w)), _grads(theirs, (h, w))):
         torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-6)
 
 
 def test_opcheck():
     h, w, b, y = _inputs((10,), 37, 16, torch.float32, True, -100)
     torch.library.opcheck(lce_forward, (h, w, b, y, -100))
-    torch.library.opcheck(lce_forward, (h, w, None, y, -100))
-    loss, lse = lce_forward(h, w, b, y, -100)
-    args = (torch.randn(10), torch.randn(10), h.detach(), w.detach(), b.detach(), y, lse.detach(), -100)
-    torch.library.opcheck(lce_backward, args)
+    torch.library.opcheck(lce_forward, (h, w, None, y, -100, 3.0))
+    loss, lse, _ = lce_forward(h, w, b, y, -100)
+    for grads in ((torch.randn(10), torch.randn(10), torch.randn(10)), (torch.randn(10), None, None)):
+        args = grads + (h.detach(), w.detach(), b.detach(), y, lse.detach(), -100, 2.0)
+        torch.library.opcheck(lce_backward, args)
 
 
 def test_traces_with_symbolic_shapes():
@@ -125,6 +149,8 @@ def test_out_of_range_target_raises_like_eager():
         (dict(labels=torch.zeros(4, dtype=torch.long)), ValueError),
         (dict(labels=torch.zeros(5)), RuntimeError),
         (dict(weight=torch.randn(37, 15)), RuntimeError),
+        (dict(label_smoothing=1.5), RuntimeError),
+        (dict(softcap=-1.0), ValueError),
     ],
 )
 def test_bad_input_raises(kwargs, err):

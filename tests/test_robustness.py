@@ -49,13 +49,18 @@ COMBOS = [
     (P.shift_pad, "sum", torch.float32, -100),
     (P.shift_pad, "mean", torch.bfloat16, -100),
     (P.view_3d, "mean", torch.bfloat16, 1),
+    (P.label_smoothed, "mean", torch.float32, -100),
+    (P.label_smoothed, "none", torch.bfloat16, 0),
+    (P.softcapped_z_loss, "sum", torch.float32, -100),
+    (P.softcapped_z_loss, "mean", torch.bfloat16, -100),
+    (P.all_features_shifted, "mean", torch.float32, -1),
 ]
 
 
 @pytest.mark.parametrize("pattern, reduction, dtype, ignore_index", COMBOS,
                          ids=lambda x: getattr(x, "__name__", str(x)))
 def test_randomized_against_eager(pattern, reduction, dtype, ignore_index):
-    """CASES_PER_COMBO random cases per combination (200 in all), one dynamic compile each."""
+    """CASES_PER_COMBO random cases per combination (300 in all), one dynamic compile each."""
     rng = random.Random(f"{pattern.__name__}-{reduction}-{dtype}-{ignore_index}")
     compiled = torch.compile(pattern, options=inductor_lce.options(), dynamic=True)
     for i in range(CASES_PER_COMBO):

@@ -3,10 +3,14 @@
 CUDA (when Triton imports): two ``torch.library.triton_op``s with exactly the schemas and semantics of
 ``inductor_lce::lce_forward`` / ``inductor_lce::lce_backward``:
 
-    inductor_lce::lce_forward_triton(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, int ignore_index)
-        -> (Tensor loss, Tensor lse)
-    inductor_lce::lce_backward_triton(Tensor grad_loss, Tensor? grad_lse, Tensor hidden, Tensor weight,
-        Tensor? bias, Tensor target, Tensor lse, int ignore_index) -> (Tensor, Tensor, Tensor)
+    inductor_lce::lce_forward_triton(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, int ignore_index,
+        float softcap=0.0) -> (Tensor loss, Tensor lse, Tensor sum_logits)
+    inductor_lce::lce_backward_triton(Tensor grad_loss, Tensor? grad_lse, Tensor? grad_sum_logits, Tensor hidden,
+        Tensor weight, Tensor? bias, Tensor target, Tensor lse, int ignore_index, float softcap=0.0)
+        -> (Tensor, Tensor, Tensor)
+
+(``softcap > 0``: Gemma 2's logit soft-cap, s = softcap * tanh(logits / softcap); a compile-time flag of the
+kernels, so ``softcap=0`` runs the plain kernels.)
 
 ``ops_for(device_type)`` tells the graph pass which pair to emit. Importing this package also makes the
 Triton implementation the CUDA kernel of the eager ops, so ``inductor_lce.linear_cross_entropy`` on CUDA
@@ -64,35 +68,41 @@ if AVAILABLE:
 
     @torch.library.triton_op("inductor_lce::lce_forward_triton", mutates_args=())
     def lce_forward_triton(
-        hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int
-    ) -> tuple[Tensor, Tensor]:
-        return lce_forward_impl(hidden, weight, bias, target, ignore_index)
+        hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+        softcap: float = 0.0,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return lce_forward_impl(hidden, weight, bias, target, ignore_index, softcap)
 
     @torch.library.triton_op("inductor_lce::lce_backward_triton", mutates_args=())
     def lce_backward_triton(
         grad_loss: Tensor,
         grad_lse: Optional[Tensor],
+        grad_sum_logits: Optional[Tensor],
         hidden: Tensor,
         weight: Tensor,
         bias: Optional[Tensor],
         target: Tensor,
         lse: Tensor,
         ignore_index: int,
+        softcap: float = 0.0,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        return lce_backward_impl(grad_loss, grad_lse, hidden, weight, bias, target, lse, ignore_index)
+        return lce_backward_impl(grad_loss, grad_lse, grad_sum_logits, hidden, weight, bias, target, lse,
+                                 ignore_index, softcap)
 
     _ops.register_lce_autograd(lce_forward_triton, lce_backward_triton)
 
     # The eager ops' CUDA kernels: the same implementation, launched directly.
     @_ops.lce_forward.register_kernel("cuda")
-    def _lce_forward_cuda(hidden, weight, bias, target, ignore_index):
+    def _lce_forward_cuda(hidden, weight, bias, target, ignore_index, softcap=0.0):
         with _plain_launches():
-            return lce_forward_impl(hidden, weight, bias, target, ignore_index)
+            return lce_forward_impl(hidden, weight, bias, target, ignore_index, softcap)
 
     @_ops.lce_backward.register_kernel("cuda")
-    def _lce_backward_cuda(grad_loss, grad_lse, hidden, weight, bias, target, lse, ignore_index):
+    def _lce_backward_cuda(grad_loss, grad_lse, grad_sum_logits, hidden, weight, bias, target, lse, ignore_index,
+                           softcap=0.0):
         with _plain_launches():
-            return lce_backward_impl(grad_loss, grad_lse, hidden, weight, bias, target, lse, ignore_index)
+            return lce_backward_impl(grad_loss, grad_lse, grad_sum_logits, hidden, weight, bias, target, lse,
+                                     ignore_index, softcap)
 
 
 def ops_for(device_type: str):

@@ -16,7 +16,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 _PTR_TYPES = {"target_ptr": "*i64", "max2_ptr": "*fp32", "sumexp_ptr": "*fp32", "target_logit_ptr": "*fp32",
-              "lse_ptr": "*fp32", "grad_loss_ptr": "*fp32", "grad_lse_ptr": "*fp32", "grad_bias_ptr": "*fp32"}
+              "lse_ptr": "*fp32", "grad_loss_ptr": "*fp32", "grad_lse_ptr": "*fp32", "grad_bias_ptr": "*fp32",
+              "sum_ptr": "*fp32", "grad_sum_ptr": "*fp32"}
+_SCALAR_TYPES = {"softcap": "fp32"}  # other scalars are i32
 
 
 def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, ptr_types: dict | None = None,
@@ -30,7 +32,7 @@ def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, ptr_type
         elif a.endswith("_ptr"):
             sig[a] = types.get(a, "*" + dtype)
         else:
-            sig[a] = "i32"
+            sig[a] = _SCALAR_TYPES.get(a, "i32")
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
              if sig[a] not in ("constexpr", "fp32") and a != "ignore_index"}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)

@@ -1,10 +1,15 @@
 """Backward, step 1 of a V-slab: grad_logits for classes [v_begin, v_begin + slab) from recomputed logits.
 
     z[n, v]           = fp32(dtype(hidden[n] . weight[v] + bias[v]))          # tl.dot tiles, as in the forward
+    s[n, v]           = c * tanh(z[n, v] / c) if HAS_SOFTCAP else z[n, v]     # c = softcap, fp32
     g[n]              = grad_loss[n] if target[n] != ignore_index else 0
-    grad_logits[n, j] = dtype(exp(z[n, v] - lse[n]) * (g[n] + grad_lse[n]) - [v == target[n]] * g[n]),  v = v_begin + j
-    grad_bias[v]     += sum_n grad_logits[n, j]                               # fp32 atomics (HAS_BIAS)
+    grad_s[n, v]      = exp(s[n, v] - lse[n]) * (g[n] + grad_lse[n]) - [v == target[n]] * g[n]
+                        + grad_sum[n]                                         # grad_lse / grad_sum: optional
+    grad_logits[n, j] = dtype(grad_s[n, v] * (1 - (s[n, v] / c)^2)) if HAS_SOFTCAP else dtype(grad_s[n, v]),
+                        v = v_begin + j
+    grad_bias[v]     += sum_n grad_logits[n, j]    # of the rounded grad_logits; fp32 atomics (HAS_BIAS)
 
+grad_lse / grad_sum are not masked on ignored tokens (only g is); without HAS_SOFTCAP ``softcap`` is unused.
 grad_logits: [N, slab] in the input dtype, row stride ``stride_out``; it feeds the two cuBLAS/Triton
 matmuls of the slab (grad_weight[slab] = grad_logits.T @ hidden, grad_hidden += grad_logits @ weight[slab]).
 Grid: one program per [BLOCK_M, BLOCK_N] tile, grouped GROUP_M row blocks at a time for L2 reuse.
@@ -16,15 +21,18 @@ import triton.language as tl
 
 from ._config import LOG2E, configs
 from ._rounding import round_to
+from ._tanh import tanh_f32
 
 
 @triton.jit
 def grad_logits_kernel_jit(
     hidden_ptr, weight_ptr, bias_ptr, target_ptr,      # [N, D], [V, D], [V], [N] int64
-    lse_ptr, grad_loss_ptr, grad_lse_ptr,              # [N] fp32 each
+    lse_ptr, grad_loss_ptr, grad_lse_ptr, grad_sum_ptr,  # [N] fp32 each (grad_lse, grad_sum optional)
     grad_logits_ptr, grad_bias_ptr,                    # [N, slab] out, [V] fp32 accumulated
     N, D, v_begin, slab, n_bucket, stride_hidden, stride_weight, stride_out, ignore_index,
-    HAS_BIAS: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, EVEN_K: tl.constexpr,
+    softcap,                                           # fp32 scalar (> 0 if used)
+    HAS_BIAS: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, HAS_GRAD_SUM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    EVEN_K: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -70,8 +78,16 @@ def grad_logits_kernel_jit(
     g_total = g
     if HAS_GRAD_LSE:
         g_total += tl.load(grad_lse_ptr + rows_safe)
-    prob = tl.exp2(z * LOG2E - (lse * LOG2E)[:, None])
+    s = z
+    if HAS_SOFTCAP:
+        th = tanh_f32(z * (1.0 / softcap))                               # tanh(z / c) = s / c
+        s = softcap * th
+    prob = tl.exp2(s * LOG2E - (lse * LOG2E)[:, None])
     grad = prob * g_total[:, None] - tl.where(cols[None, :] == target[:, None], g[:, None], 0.0)
+    if HAS_GRAD_SUM:
+        grad += tl.load(grad_sum_ptr + rows_safe)[:, None]
+    if HAS_SOFTCAP:
+        grad = grad * (1.0 - th * th)                                    # d(c tanh(z / c)) / dz
     grad = round_to(grad, grad_logits_ptr.dtype.element_ty, DOT_FP32)
     out = grad_logits_ptr + rows_safe.to(tl.int64)[:, None] * stride_out + j[None, :]
     tl.store(out, grad, mask=row_ok[:, None] & col_ok[None, :])

@@ -2,11 +2,16 @@
 
 For a slab of classes v = v_begin + j whose logits [N, slab] came from cuBLAS (input dtype):
 
+    z[n, j]           = fp32(logits[n, j])
+    s[n, j]           = c * tanh(z[n, j] / c) if HAS_SOFTCAP else z[n, j]           # c = softcap, fp32
     g[n]              = grad_loss[n] if target[n] != ignore_index else 0
-    grad_logits[n, j] = dtype(exp(fp32(logits[n, j]) - lse[n]) * (g[n] + grad_lse[n]) - [v == target[n]] * g[n])
-    grad_bias[v]     += sum_n grad_logits[n, j]                                   # fp32 atomics (HAS_BIAS)
+    grad_s[n, j]      = exp(s[n, j] - lse[n]) * (g[n] + grad_lse[n]) - [v == target[n]] * g[n]
+                        + grad_sum[n]                                               # grad_lse / grad_sum: optional
+    grad_logits[n, j] = dtype(grad_s[n, j] * (1 - (s[n, j] / c)^2))  if HAS_SOFTCAP else dtype(grad_s[n, j])
+    grad_bias[v]     += sum_n grad_logits[n, j]        # of the rounded grad_logits; fp32 atomics (HAS_BIAS)
 
-Grid: (cdiv(N, BLOCK_M), cdiv(slab, BLOCK_N)).
+grad_lse / grad_sum are not masked on ignored tokens (only g is). Without HAS_SOFTCAP the ``softcap``
+argument is unused. Grid: (cdiv(N, BLOCK_M), cdiv(slab, BLOCK_N)).
 """
 from __future__ import annotations
 
@@ -15,14 +20,17 @@ import triton.language as tl
 
 from ._config import LOG2E, row_configs
 from ._rounding import round_to
+from ._tanh import tanh_f32
 
 
 @triton.jit
 def grad_logits_inplace_kernel_jit(
-    logits_ptr, target_ptr, lse_ptr, grad_loss_ptr, grad_lse_ptr,   # [N, slab] in/out, [N] x4
+    logits_ptr, target_ptr, lse_ptr, grad_loss_ptr,                 # [N, slab] in/out, [N] x3
+    grad_lse_ptr, grad_sum_ptr,                                     # [N] fp32 each (optional)
     grad_bias_ptr,                                                  # [V] fp32, accumulated
-    N, slab, v_begin, stride_logits, ignore_index,
-    HAS_BIAS: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, EMULATE_ROUNDING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    N, slab, v_begin, stride_logits, ignore_index, softcap,         # softcap: fp32 scalar (> 0 if used)
+    HAS_BIAS: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, HAS_GRAD_SUM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    EMULATE_ROUNDING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -38,8 +46,16 @@ def grad_logits_inplace_kernel_jit(
     g_total = g
     if HAS_GRAD_LSE:
         g_total += tl.load(grad_lse_ptr + rows_safe)
-    prob = tl.exp2(z * LOG2E - (lse * LOG2E)[:, None])
+    s = z
+    if HAS_SOFTCAP:
+        th = tanh_f32(z * (1.0 / softcap))                           # tanh(z / c) = s / c
+        s = softcap * th
+    prob = tl.exp2(s * LOG2E - (lse * LOG2E)[:, None])
     grad = prob * g_total[:, None] - tl.where((v_begin + j)[None, :] == target[:, None], g[:, None], 0.0)
+    if HAS_GRAD_SUM:
+        grad += tl.load(grad_sum_ptr + rows_safe)[:, None]
+    if HAS_SOFTCAP:
+        grad = grad * (1.0 - th * th)                                # d(c tanh(z / c)) / dz
     grad = round_to(grad, logits_ptr.dtype.element_ty, EMULATE_ROUNDING)
     tl.store(ptrs, grad, mask=mask)
     if HAS_BIAS:

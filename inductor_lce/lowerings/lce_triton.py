@@ -1,11 +1,14 @@
 """Host side of the Triton lowering: the slab loops, the workspace plan and the two ops' implementations.
 
-Forward (one launch):   lse_forward kernel over [N, V] in V-splits -> (max2, sumexp) partials [SPLITS, N]
-                        and target_logit [N]; torch combines them into lse [N] and loss [N].
+Forward (one launch):   lse_forward kernel over [N, V] in V-splits -> (max2, sumexp, sum) partials [SPLITS, N]
+                        and target_logit [N]; torch combines them into lse [N], loss [N] and sum_logits [N].
+                        With softcap c > 0 every kernel scores s = c * tanh(z / c) instead of the logits z
+                        (HAS_SOFTCAP constexpr: the c = 0 kernels are the plain ones).
 Backward (per V-slab of ``slab`` classes, in order):
     grad_logits       = F.linear(hidden, weight[slab]) by cuBLAS, turned into grad_logits in place by the
                         grad_logits_inplace kernel (or, Settings.grad_logits="fused", the grad_logits kernel
-                        recomputing the logits by tl.dot)                                  # [N, slab] dtype
+                        recomputing the logits by tl.dot); the soft-cap chain rule and the grad_sum_logits
+                        term are applied there (HAS_SOFTCAP / HAS_GRAD_SUM)                # [N, slab] dtype
     grad_weight[slab] = grad_logits.T @ hidden          # cuBLAS, one matmul over all N, into the output: exact
     grad_hidden      += grad_logits @ weight[slab]      # grad_hidden kernel: fp32 or compensated bf16 state
 That is 4 GEMMs of N*D*V (forward logits, backward logits, grad_weight, grad_hidden) against the 3 of a
@@ -175,8 +178,18 @@ def _is_traced(t: Tensor) -> bool:
 
 # ----------------------------------------------------------------------------------------------- forward
 
+def _check_softcap(softcap: float) -> float:
+    from ..ops import check_softcap
+
+    softcap = float(softcap)
+    check_softcap(softcap)
+    return softcap
+
+
 def lce_forward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                     ignore_index: int) -> tuple[Tensor, Tensor]:
+                     ignore_index: int, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, lse, sum_logits), each [N] fp32 (``inductor_lce::lce_forward``'s semantics)."""
+    softcap = _check_softcap(softcap)
     n_tokens, dim = hidden.shape
     num_classes = weight.shape[0]
     hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
@@ -185,38 +198,39 @@ def lce_forward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
         _check_targets(target, num_classes, ignore_index)
     if _hint(n_tokens) == 0:
         empty = hidden.new_empty((n_tokens,), dtype=torch.float32)
-        return empty, empty.clone()
+        return empty, empty.clone(), empty.clone()
     if SETTINGS.forward == "cublas":
-        lse, target_logit = _forward_cublas(hidden, weight, bias, target)
+        lse, target_logit, sum_logits = _forward_cublas(hidden, weight, bias, target, softcap)
     else:
-        lse, target_logit = _forward_fused(hidden, weight, bias, target)
+        lse, target_logit, sum_logits = _forward_fused(hidden, weight, bias, target, softcap)
     loss = torch.where(target != ignore_index, lse - target_logit, 0.0)
-    return loss, lse
+    return loss, lse, sum_logits
 
 
-def _forward_fused(hidden, weight, bias, target):
+def _forward_fused(hidden, weight, bias, target, softcap):
     n_tokens, dim = hidden.shape
     num_classes = weight.shape[0]
     per_split, splits = forward_splits(_hint(n_tokens), num_classes, _num_sms(str(hidden.device)))
     max2 = hidden.new_empty((splits, n_tokens), dtype=torch.float32)          # [SPLITS, N]
     sumexp = hidden.new_empty((splits, n_tokens), dtype=torch.float32)        # [SPLITS, N]
+    partial_sum = hidden.new_empty((splits, n_tokens), dtype=torch.float32)   # [SPLITS, N]
     target_logit = hidden.new_zeros((n_tokens,), dtype=torch.float32)         # [N]
 
     def grid(meta):
         return (triton.cdiv(n_tokens, meta["BLOCK_M"]), splits)
 
     wrap_triton(lse_forward_kernel)[grid](
-        hidden, weight, bias, target, max2, sumexp, target_logit,
-        n_tokens, num_classes, dim, per_split, _bucket(n_tokens), hidden.stride(0), weight.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=dim % _max_block_k(lse_forward_kernel) == 0,
+        hidden, weight, bias, target, max2, sumexp, partial_sum, target_logit,
+        n_tokens, num_classes, dim, per_split, _bucket(n_tokens), hidden.stride(0), weight.stride(0), softcap,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, EVEN_K=dim % _max_block_k(lse_forward_kernel) == 0,
         DOT_FP32=DOT_FP32, DOT_PRECISION=_dot_precision(hidden.dtype),
     )
     top = max2.amax(0)                                                        # [N]
     lse = (top + torch.log2((sumexp * torch.exp2(max2 - top)).sum(0))) * LN2
-    return lse, target_logit
+    return lse, target_logit, partial_sum.sum(0)
 
 
-def _forward_cublas(hidden, weight, bias, target):
+def _forward_cublas(hidden, weight, bias, target, softcap):
     """Variant: cuBLAS logits slabs (F.linear) folded into a running lse by the lse_update kernel."""
     n_tokens, dim = hidden.shape
     num_classes = weight.shape[0]
@@ -224,6 +238,7 @@ def _forward_cublas(hidden, weight, bias, target):
     slab = max(_GRAIN, SETTINGS.workspace_bytes // max(1, _hint(n_tokens) * itemsize) // _GRAIN * _GRAIN)
     max2 = hidden.new_empty((n_tokens,), dtype=torch.float32)
     sumexp = hidden.new_empty((n_tokens,), dtype=torch.float32)
+    sum_logits = hidden.new_empty((n_tokens,), dtype=torch.float32)
     target_logit = hidden.new_empty((n_tokens,), dtype=torch.float32)
     for v0 in range(0, num_classes, slab):
         v1 = min(v0 + slab, num_classes)
@@ -233,23 +248,27 @@ def _forward_cublas(hidden, weight, bias, target):
             return (triton.cdiv(n_tokens, meta["BLOCK_M"]),)
 
         wrap_triton(lse_update_kernel)[grid](
-            logits, target, max2, sumexp, target_logit, n_tokens, v1 - v0, v0, logits.stride(0), FIRST=v0 == 0,
+            logits, target, max2, sumexp, sum_logits, target_logit, n_tokens, v1 - v0, v0, logits.stride(0),
+            softcap, FIRST=v0 == 0, HAS_SOFTCAP=softcap > 0,
         )
         del logits  # before the next slab is allocated: one slab alive at a time
-    return (max2 + torch.log2(sumexp)) * LN2, target_logit
+    return (max2 + torch.log2(sumexp)) * LN2, target_logit, sum_logits
 
 
 # ---------------------------------------------------------------------------------------------- backward
 
-def lce_backward_impl(grad_loss: Tensor, grad_lse: Optional[Tensor], hidden: Tensor, weight: Tensor,
-                      bias: Optional[Tensor], target: Tensor, lse: Tensor,
-                      ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+def lce_backward_impl(grad_loss: Tensor, grad_lse: Optional[Tensor], grad_sum_logits: Optional[Tensor],
+                      hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, lse: Tensor,
+                      ignore_index: int, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_hidden [N, D], grad_weight [V, D], grad_bias [V] or [0]) (``inductor_lce::lce_backward``'s semantics)."""
+    softcap = _check_softcap(softcap)
     n_tokens, dim = hidden.shape
     num_classes = weight.shape[0]
     hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
     lse = lse.float().contiguous()
     grad_loss = grad_loss.float().contiguous()
     grad_lse = None if grad_lse is None else grad_lse.float().contiguous()
+    grad_sum_logits = None if grad_sum_logits is None else grad_sum_logits.float().contiguous()
     grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)      # [N, D]
     grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)      # [V, D]
     # [V] fp32 sums of grad_logits (a 0-element stand-in without bias: the kernels restore it when tuning)
@@ -277,10 +296,12 @@ def lce_backward_impl(grad_loss: Tensor, grad_lse: Optional[Tensor], hidden: Ten
         h_g = hidden[rows] if groups > 1 else hidden
         gh_g = grad_hidden[rows] if groups > 1 else grad_hidden
         state_g = gh_g if state is None else (state[: r1 - r0] if groups > 1 else state)
-        args_g = [t if t is None or groups == 1 else t[rows] for t in (target, lse, grad_loss, grad_lse)]
+        args_g = [t if t is None or groups == 1 else t[rows]
+                  for t in (target, lse, grad_loss, grad_lse, grad_sum_logits)]
         for i, v0 in enumerate(starts):
             v1 = min(v0 + plan.slab, num_classes)
-            grad_logits = _grad_logits_slab(h_g, weight, bias, *args_g, grad_bias_acc, v0, v1, n_rows, ignore_index)
+            grad_logits = _grad_logits_slab(h_g, weight, bias, *args_g, grad_bias_acc, v0, v1, n_rows, ignore_index,
+                                            softcap)
             # grad_weight[slab]: one matmul over the tokens, written straight into the output (exact when
             # there is one row group; otherwise each further group adds one bf16 rounding)
             if r0 == 0:
@@ -304,9 +325,12 @@ def lce_backward_impl(grad_loss: Tensor, grad_lse: Optional[Tensor], hidden: Ten
     return grad_hidden, grad_weight, grad_bias
 
 
-def _grad_logits_slab(hidden, weight, bias, target, lse, grad_loss, grad_lse, grad_bias_acc, v0, v1, n_tokens,
-                      ignore_index):
-    """[n_tokens, v1 - v0] grad_logits of classes [v0, v1) in the input dtype (and their grad_bias sums)."""
+def _grad_logits_slab(hidden, weight, bias, target, lse, grad_loss, grad_lse, grad_sum_logits, grad_bias_acc,
+                      v0, v1, n_tokens, ignore_index, softcap):
+    """[n_tokens, v1 - v0] grad_logits (d loss / d logits, after the soft-cap's chain rule) of classes [v0, v1)
+    in the input dtype, and their grad_bias sums."""
+    flags = dict(HAS_BIAS=bias is not None, HAS_GRAD_LSE=grad_lse is not None,
+                 HAS_GRAD_SUM=grad_sum_logits is not None, HAS_SOFTCAP=softcap > 0)
     dim = hidden.shape[1]
     width = v1 - v0
     if SETTINGS.grad_logits == "cublas":
@@ -317,9 +341,9 @@ def _grad_logits_slab(hidden, weight, bias, target, lse, grad_loss, grad_lse, gr
             return (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]))
 
         wrap_triton(grad_logits_inplace_kernel)[grid_e](
-            grad_logits, target, lse, grad_loss, grad_lse, grad_bias_acc,
-            n_tokens, width, v0, grad_logits.stride(0), ignore_index,
-            HAS_BIAS=bias is not None, HAS_GRAD_LSE=grad_lse is not None, EMULATE_ROUNDING=DOT_FP32,
+            grad_logits, target, lse, grad_loss, grad_lse, grad_sum_logits, grad_bias_acc,
+            n_tokens, width, v0, grad_logits.stride(0), ignore_index, softcap,
+            **flags, EMULATE_ROUNDING=DOT_FP32,
         )
         return grad_logits
     grad_logits = hidden.new_empty((n_tokens, width))
@@ -328,10 +352,9 @@ def _grad_logits_slab(hidden, weight, bias, target, lse, grad_loss, grad_lse, gr
         return (triton.cdiv(n_tokens, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),)
 
     wrap_triton(grad_logits_kernel)[grid_l](
-        hidden, weight, bias, target, lse, grad_loss, grad_lse, grad_logits, grad_bias_acc,
+        hidden, weight, bias, target, lse, grad_loss, grad_lse, grad_sum_logits, grad_logits, grad_bias_acc,
         n_tokens, dim, v0, width, _bucket(n_tokens), hidden.stride(0), weight.stride(0),
-        grad_logits.stride(0), ignore_index,
-        HAS_BIAS=bias is not None, HAS_GRAD_LSE=grad_lse is not None,
+        grad_logits.stride(0), ignore_index, softcap, **flags,
         EVEN_K=dim % _max_block_k(grad_logits_kernel) == 0, DOT_FP32=DOT_FP32,
         DOT_PRECISION=_dot_precision(hidden.dtype), GROUP_M=_GROUP_M,
     )

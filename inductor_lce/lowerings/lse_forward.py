@@ -1,14 +1,19 @@
-"""Forward: per-token log-sum-exp and target logit of ``hidden @ weight.T + bias``, never storing logits.
+"""Forward: per-token log-sum-exp, target logit and sum of the (soft-capped) logits of ``hidden @ weight.T + bias``,
+never storing logits.
 
-For tokens n (BLOCK_M per program) and the classes v of one V-split s:
+For tokens n (BLOCK_M per program) and the classes v of one V-split p:
 
-    z[n, v]        = fp32(dtype(hidden[n] . weight[v] + bias[v]))   # tl.dot tiles, fp32 accumulate, rounded like F.linear
-    max2[s, n]     = max_v  z[n, v] * log2(e)                         # [SPLITS, N]  running max (log2 units)
-    sumexp[s, n]   = sum_v  exp2(z[n, v] * log2(e) - max2[s, n])      # [SPLITS, N]  online rescaled sum
-    target_logit[n] = z[n, target[n]]                                 # [N]  stored by the one split holding target[n]
+    z[n, v]           = fp32(dtype(hidden[n] . weight[v] + bias[v]))  # tl.dot tiles, fp32 acc., rounded like F.linear
+    s[n, v]           = c * tanh(z[n, v] / c) if HAS_SOFTCAP else z[n, v]   # c = softcap; fp32, not rounded
+    max2[p, n]        = max_v  s[n, v] * log2(e)                      # [SPLITS, N]  running max (log2 units)
+    sumexp[p, n]      = sum_v  exp2(s[n, v] * log2(e) - max2[p, n])   # [SPLITS, N]  online rescaled sum
+    partial_sum[p, n] = sum_v  s[n, v]                                # [SPLITS, N]  fp32
+    target_logit[n]   = s[n, target[n]]                               # [N]  stored by the one split holding target[n]
 
-The host combines the splits: lse = ln2 * (M + log2(sum_s sumexp[s] * exp2(max2[s] - M))), M = max_s max2[s].
-Grid: (cdiv(N, BLOCK_M), SPLITS); program (m, s) walks the classes [s * v_per_split, (s + 1) * v_per_split).
+The host combines the splits: lse = ln2 * (M + log2(sum_p sumexp[p] * exp2(max2[p] - M))), M = max_p max2[p],
+and sum_logits = sum_p partial_sum[p]. tanh is ``_tanh.tanh_f32`` (exp2 + polynomial; libdevice's is an extern
+call the interpreter cannot run). Without HAS_SOFTCAP the ``softcap`` argument is unused.
+Grid: (cdiv(N, BLOCK_M), SPLITS); program (m, p) walks the classes [p * v_per_split, (p + 1) * v_per_split).
 Consecutive programs share a split, so the weight tiles they stream are read from L2 by all row blocks.
 """
 from __future__ import annotations
@@ -18,14 +23,16 @@ import triton.language as tl
 
 from ._config import LOG2E, configs
 from ._rounding import round_to
+from ._tanh import tanh_f32
 
 
 @triton.jit
 def lse_forward_kernel_jit(
     hidden_ptr, weight_ptr, bias_ptr, target_ptr,       # [N, D], [V, D], [V], [N] int64
-    max2_ptr, sumexp_ptr, target_logit_ptr,             # [SPLITS, N] fp32, [SPLITS, N] fp32, [N] fp32
-    N, V, D, v_per_split, n_bucket, stride_hidden, stride_weight,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    max2_ptr, sumexp_ptr, sum_ptr, target_logit_ptr,    # [SPLITS, N] fp32 x3, [N] fp32
+    N, V, D, v_per_split, n_bucket, stride_hidden, stride_weight, softcap,   # softcap: fp32 scalar (> 0 if used)
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -40,7 +47,10 @@ def lse_forward_kernel_jit(
 
     max2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
     sumexp = tl.zeros([BLOCK_M], tl.float32)
+    partial_sum = tl.zeros([BLOCK_M], tl.float32)
     target_logit = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_SOFTCAP:
+        inv_softcap = 1.0 / softcap
     for t in range(0, v_per_split, BLOCK_N):  # loop bounds from arguments only (Triton's interpreter needs it)
         cols = v_begin + t + tl.arange(0, BLOCK_N)                        # [BLOCK_N] class ids
         col_ok = (cols < V) & (t + tl.arange(0, BLOCK_N) < v_per_split)
@@ -61,15 +71,20 @@ def lse_forward_kernel_jit(
         if HAS_BIAS:
             acc += tl.load(bias_ptr + tl.where(col_ok, cols, v_begin)).to(tl.float32)[None, :]
         z = round_to(acc, hidden_ptr.dtype.element_ty, DOT_FP32).to(tl.float32)  # logits in the input dtype
+        s = z
+        if HAS_SOFTCAP:
+            s = softcap * tanh_f32(z * inv_softcap)                       # scores, fp32
         # (a masked column never equals a target of this split, the only one whose logit is stored)
-        target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
-        z2 = tl.where(col_ok[None, :], z * LOG2E, float("-inf"))  # tile 0 always has a valid column
+        target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], s, 0.0), axis=1)
+        partial_sum += tl.sum(tl.where(col_ok[None, :], s, 0.0), axis=1)
+        z2 = tl.where(col_ok[None, :], s * LOG2E, float("-inf"))  # tile 0 always has a valid column
         new_max2 = tl.maximum(max2, tl.max(z2, axis=1))
         sumexp = sumexp * tl.exp2(max2 - new_max2) + tl.sum(tl.exp2(z2 - new_max2[:, None]), axis=1)
         max2 = new_max2
 
     tl.store(max2_ptr + split * N + rows, max2, mask=row_ok)
     tl.store(sumexp_ptr + split * N + rows, sumexp, mask=row_ok)
+    tl.store(sum_ptr + split * N + rows, partial_sum, mask=row_ok)
     has_target = row_ok & (target >= v_begin) & (target < v_begin + v_per_split)
     tl.store(target_logit_ptr + rows, target_logit, mask=has_target)
 

@@ -4,11 +4,14 @@ For the classes v = v_begin + j of a slab whose logits came from cuBLAS (``F.lin
 rounded to the input dtype):
 
     z[n, j]          = fp32(logits[n, j])                                     # [N, slab]
-    new_max2[n]      = max(max2[n], max_j z[n, j] * log2(e))                  # [N] running state, log2 units
-    sumexp[n]        = sumexp[n] * exp2(max2[n] - new_max2[n]) + sum_j exp2(z[n, j] * log2(e) - new_max2[n])
-    target_logit[n]  = z[n, target[n] - v_begin]  if target[n] is in the slab
+    s[n, j]          = c * tanh(z[n, j] / c) if HAS_SOFTCAP else z[n, j]      # c = softcap; fp32, not rounded
+    new_max2[n]      = max(max2[n], max_j s[n, j] * log2(e))                  # [N] running state, log2 units
+    sumexp[n]        = sumexp[n] * exp2(max2[n] - new_max2[n]) + sum_j exp2(s[n, j] * log2(e) - new_max2[n])
+    sum_logits[n]   += sum_j s[n, j]                                          # [N] fp32
+    target_logit[n]  = s[n, target[n] - v_begin]  if target[n] is in the slab
 
-FIRST initialises the state (max2 = -inf, sumexp = 0, target_logit = 0). Grid: (cdiv(N, BLOCK_M),).
+FIRST initialises the state (max2 = -inf, sumexp = 0, sum_logits = 0, target_logit = 0). Grid: (cdiv(N, BLOCK_M),).
+Without HAS_SOFTCAP the ``softcap`` argument is unused.
 """
 from __future__ import annotations
 
@@ -16,14 +19,15 @@ import triton
 import triton.language as tl
 
 from ._config import LOG2E, row_configs
+from ._tanh import tanh_f32
 
 
 @triton.jit
 def lse_update_kernel_jit(
     logits_ptr, target_ptr,                            # [N, slab] (row stride stride_logits), [N] int64
-    max2_ptr, sumexp_ptr, target_logit_ptr,            # [N] fp32 each, updated in place
-    N, slab, v_begin, stride_logits,
-    FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    max2_ptr, sumexp_ptr, sum_ptr, target_logit_ptr,   # [N] fp32 each, updated in place
+    N, slab, v_begin, stride_logits, softcap,          # softcap: fp32 scalar (> 0 if used)
+    FIRST: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -32,26 +36,38 @@ def lse_update_kernel_jit(
     if FIRST:
         max2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
         sumexp = tl.zeros([BLOCK_M], tl.float32)
+        total = tl.zeros([BLOCK_M], tl.float32)
         target_logit = tl.zeros([BLOCK_M], tl.float32)
     else:
         max2 = tl.load(max2_ptr + rows_safe)
         sumexp = tl.load(sumexp_ptr + rows_safe)
+        total = tl.load(sum_ptr + rows_safe)
         target_logit = tl.load(target_logit_ptr + rows_safe)
+    if HAS_SOFTCAP:
+        inv_softcap = 1.0 / softcap
     row_base = logits_ptr + rows_safe.to(tl.int64)[:, None] * stride_logits
     for j0 in range(0, slab, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         col_ok = j < slab
         z = tl.load(row_base + j[None, :], mask=col_ok[None, :], other=float("-inf")).to(tl.float32)
-        target_logit += tl.sum(tl.where((j[None, :] == target_col[:, None]) & col_ok[None, :], z, 0.0), axis=1)
-        z2 = z * LOG2E
+        if HAS_SOFTCAP:
+            s = softcap * tanh_f32(z * inv_softcap)                   # masked columns: -softcap
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        else:
+            s = z
+        target_logit += tl.sum(tl.where((j[None, :] == target_col[:, None]) & col_ok[None, :], s, 0.0), axis=1)
+        total += tl.sum(tl.where(col_ok[None, :], s, 0.0), axis=1)
+        z2 = s * LOG2E
         new_max2 = tl.maximum(max2, tl.max(z2, axis=1))
         sumexp = sumexp * tl.exp2(max2 - new_max2) + tl.sum(tl.exp2(z2 - new_max2[:, None]), axis=1)
         max2 = new_max2
     tl.store(max2_ptr + rows, max2, mask=row_ok)
     tl.store(sumexp_ptr + rows, sumexp, mask=row_ok)
+    tl.store(sum_ptr + rows, total, mask=row_ok)
     tl.store(target_logit_ptr + rows, target_logit, mask=row_ok)
 
 
 lse_update_kernel = triton.autotune(
-    configs=row_configs(), key=["slab", "N"], restore_value=["max2_ptr", "sumexp_ptr", "target_logit_ptr"]
+    configs=row_configs(), key=["slab", "N"],
+    restore_value=["max2_ptr", "sumexp_ptr", "sum_ptr", "target_logit_ptr"],
 )(lse_update_kernel_jit)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Node
 
-from .common import NoMatch, aten, dtype, is_op, normalize_dim, shape
+from .common import NoMatch, aten, dtype, is_op, normalize_dim, prims, shape
 
 
 @dataclass
@@ -91,8 +91,11 @@ def aliases(node: Node) -> list:
     return out
 
 
-def match_log_softmax_backward(lsm: LogSoftmax) -> list:
-    """Every backward of ``lsm`` found among the users of its aliases."""
+def match_log_softmax_backward(lsm: LogSoftmax, saved=None) -> list:
+    """Every backward of ``lsm`` found among the users of its aliases.
+
+    ``saved``: what the joint graph saves instead of ``lsm`` itself, when the log-probs are
+    cast to bf16 / fp16 before the loss (the backward reads ``exp(float(alias(cast)))``)."""
     found = []
     for a in aliases(lsm.output):
         for u in a.users:
@@ -101,6 +104,15 @@ def match_log_softmax_backward(lsm: LogSoftmax) -> list:
                     found.append(LogSoftmaxBackward(u.args[0], u, [u]))
             elif is_op(u, aten.exp.default) and a is not lsm.output:
                 found.append(_match_decomposed_backward(u))
+    if saved is not None:
+        for a in aliases(saved)[1:]:
+            for u in a.users:
+                exp = next(iter(u.users)) if len(u.users) == 1 else None
+                if is_op(u, prims.convert_element_type.default) and u.args[1] == torch.float32 \
+                        and is_op(exp, aten.exp.default):
+                    bwd = _match_decomposed_backward(exp)
+                    bwd.nodes.append(u)
+                    found.append(bwd)
     return found
 
 

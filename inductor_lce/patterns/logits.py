@@ -6,11 +6,14 @@ Forward (``V`` stays the last dim all the way; any number of these, in any order
       -> view / reshape / _unsafe_view / clone / alias          (F.linear on [B, T, D], .view(-1, V))
       -> convert_element_type(float32)                           (.float())
       -> slice(dim < last)                                       (logits[..., :-1, :], the causal shift)
+      -> mul(tanh(div(x, c)), c)                                 (soft-capping, at most once: softcap.py)
       -> logits: [N', V] fp32
 
 Backward, the mirror image from ``grad_logits`` to the gradient of the matmul output::
 
     grad_logits -> view / convert_element_type / clone
+                -> add(., grad of a logsumexp of these logits)             (z-loss: logsumexp.py)
+                -> the soft-cap backward (softcap.py)
                 -> slice_scatter(zeros, ., dim, start, end, step) | slice_backward   (one per forward slice)
                 -> grad_mm: [N, V]
     grad_hidden2d = mm(grad_mm, permute(permute(weight)))       # [N, D]
@@ -26,6 +29,7 @@ import torch
 from torch.fx import Node
 
 from .common import NoMatch, aten, dtype, is_op, is_zeros, normalize_dim, only_user, prims, same_shape, same_size, shape
+from .softcap import Softcap, SoftcapBackward, match_softcap_forward
 
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _COPIES = (aten.clone.default, aten.alias.default)
@@ -52,6 +56,13 @@ class LogitsChain:
     nodes: list = field(default_factory=list)     # matmul .. logits, in order
     slices: list = field(default_factory=list)    # forward slices, in order
     upcast: bool = False                          # a .float() sits on the path
+    softcap: Optional[Softcap] = None             # c * tanh(x / c) on the path
+
+    def scored(self, node: Node) -> bool:
+        """Whether ``node`` (on the path) holds the values the loss scores: fp32 and after the soft-cap."""
+        if dtype(node) != torch.float32:
+            return False
+        return self.softcap is None or self.nodes.index(node) >= self.nodes.index(self.softcap.scale_out)
 
 
 @dataclass
@@ -83,14 +94,21 @@ def _is_transpose(node: Node) -> bool:
 def match_logits_chain(logits: Node) -> LogitsChain:
     """Walk up from the log-softmax input to the matmul."""
     num_classes = shape(logits)[-1]
-    nodes, slices, upcast = [logits], [], False
+    nodes, slices, upcast, softcap = [logits], [], False, None
     node = logits
     while True:
         if is_op(node, aten.mm.default, aten.addmm.default):
             break
         if not isinstance(node, Node) or node.op != "call_function":
             raise NoMatch("no_matmul", "logits do not come from a matmul")
-        if is_op(node, *_VIEWS, *_COPIES):
+        found = match_softcap_forward(node)
+        if found is not None:
+            if softcap is not None:
+                raise NoMatch("logits_path_op", "two soft-caps")
+            softcap = found
+            nodes += [found.tanh, found.scale_in]
+            node = found.scale_in
+        elif is_op(node, *_VIEWS, *_COPIES):
             pass
         elif is_op(node, prims.convert_element_type.default):
             if node.args[1] != torch.float32:
@@ -127,19 +145,28 @@ def match_logits_chain(logits: Node) -> LogitsChain:
         raise NoMatch("not_fp32", "the loss reads low-precision logits (no .float())")
     nodes.reverse()
     slices.reverse()
-    return LogitsChain(matmul, hidden, weight_t, weight, bias, logits, nodes, slices, upcast)
+    return LogitsChain(matmul, hidden, weight_t, weight, bias, logits, nodes, slices, upcast, softcap)
 
 
-def match_logits_grad(grad_logits: Node, chain: LogitsChain) -> LogitsGrad:
-    """Walk down from the gradient of the logits to the gradients of the matmul inputs."""
+def match_logits_grad(grad_logits: Node, chain: LogitsChain, extra_terms=()) -> LogitsGrad:
+    """Walk down from the gradient of the logits to the gradients of the matmul inputs.
+
+    ``extra_terms``: [., V] gradient terms from other readers of the logits (a logsumexp) that
+    autograd adds into this path; each must be added exactly once."""
     nodes, slices = [grad_logits], []
     node = grad_logits
     mm_shape = shape(chain.matmul)
+    softcap_bwd = SoftcapBackward(chain.softcap) if chain.softcap is not None else None
+    pending = set(extra_terms)
     while True:
         user = only_user(node)
         if user is None:
             break
-        if is_op(user, *_VIEWS, *_COPIES, prims.convert_element_type.default):
+        if is_op(user, aten.add.Tensor) and node in user.args[:2] and any(a in pending for a in user.args[:2]):
+            pending.discard(user.args[1] if user.args[0] is node else user.args[0])
+        elif softcap_bwd is not None and softcap_bwd.step(node, user):
+            pass
+        elif is_op(user, *_VIEWS, *_COPIES, prims.convert_element_type.default):
             if user.args[0] is not node:
                 break
         elif is_op(user, aten.slice_scatter.default):
@@ -162,6 +189,11 @@ def match_logits_grad(grad_logits: Node, chain: LogitsChain) -> LogitsGrad:
         nodes.append(node)
     if not same_shape(shape(node), mm_shape):
         raise NoMatch("logits_grad_form", "gradient does not reach the matmul's shape")
+    if pending:
+        raise NoMatch("logits_grad_form", "a logsumexp gradient is not added into the logits' gradient")
+    if softcap_bwd is not None:
+        softcap_bwd.check_done()
+        nodes += softcap_bwd.nodes
     if len(slices) != len(chain.slices) or not all(
         (b.dim, b.start, b.end, b.step) == (f.dim, f.start, f.end, f.step) and same_shape(b.input_shape, f.input_shape)
         for b, f in zip(reversed(slices), chain.slices)
