@@ -216,6 +216,7 @@ def test_feature_bf16_error_at_most_eagers(fn, low_precision):
     ours = compiled(h, w, y)
     ours_grads = torch.autograd.grad(ours, (h, w))
     assert rewrites() == 1 and not skips(), skips()
+    assert max(saved_numels(rec["post_grad"])) < T * V
     eager = fn(h, w, y)
     eager_grads = torch.autograd.grad(eager, (h, w))
     for a, e, r in zip((ours,) + ours_grads, (eager,) + eager_grads, (ref,) + ref_grads):
@@ -249,3 +250,18 @@ def test_nanogpt_under_autocast_needs_no_opt_in():
     ref_grads = torch.autograd.grad(ref, (h64, w64))
     for a, e, r in zip((ours,) + ours_grads, (eager,) + eager_grads, (ref,) + ref_grads):
         assert _rel(a, r) <= 1.25 * _rel(e, r) + 1e-6, (_rel(a, r), _rel(e, r))
+
+
+@pytest.mark.parametrize("fn", [label_smoothing_sum_shifted, z_loss_olmo, softcap_gemma, everything],
+                         ids=lambda f: f.__name__)
+def test_feature_inference(fn):
+    """torch.no_grad (evaluation loss): the same features are rewritten in the inference graph."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(B, T, D, generator=g)
+    w = torch.randn(V, D, generator=g)
+    y = torch.randint(0, V, (B, T), generator=g)
+    y[1, 5] = -100
+    compiled, _ = compile_recorded(fn)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(h, w, y), fn(h, w, y), rtol=1e-5, atol=1e-6)
+    assert rewrites() == 1 and not skips(), skips()
