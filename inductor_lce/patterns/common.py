@@ -73,6 +73,18 @@ def is_zeros(node: Any) -> bool:
     return False
 
 
+def aliases(node: Node) -> list:
+    """``node`` and every ``alias`` chained from it (how the joint graph saves a value)."""
+    out, frontier = [node], [node]
+    while frontier:
+        n = frontier.pop()
+        for u in n.users:
+            if is_op(u, aten.alias.default):
+                out.append(u)
+                frontier.append(u)
+    return out
+
+
 def normalize_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Node
 
-from .common import NoMatch, aten, dtype, is_op, normalize_dim, prims, shape
+from .common import NoMatch, aliases, aten, dtype, is_op, normalize_dim, prims, shape
 
 
 @dataclass
@@ -77,18 +77,6 @@ def is_log_softmax(node: Node) -> bool:
         return True
     except NoMatch:
         return False
-
-
-def aliases(node: Node) -> list:
-    """``node`` and every ``alias`` chained from it (how the joint graph saves a value)."""
-    out, frontier = [node], [node]
-    while frontier:
-        n = frontier.pop()
-        for u in n.users:
-            if is_op(u, aten.alias.default):
-                out.append(u)
-                frontier.append(u)
-    return out
 
 
 def match_log_softmax_backward(lsm: LogSoftmax, saved=None) -> list:

@@ -23,7 +23,7 @@ from typing import Optional
 
 from torch.fx import Node
 
-from .common import NoMatch, aten, is_op, prims
+from .common import NoMatch, aliases, aten, is_op, prims
 
 
 @dataclass
@@ -80,14 +80,7 @@ def match_softcap_forward(node: Node) -> Optional[Softcap]:
 
 def saved_tanh(softcap: Softcap) -> list:
     """Aliases of ``t`` (how the joint graph saves it for tanh's backward)."""
-    out, frontier = [], [softcap.tanh]
-    while frontier:
-        n = frontier.pop()
-        for u in n.users:
-            if is_op(u, aten.alias.default):
-                out.append(u)
-                frontier.append(u)
-    return out
+    return aliases(softcap.tanh)[1:]
 
 
 def _reads_tanh(node: Node, softcap: Softcap) -> list:
