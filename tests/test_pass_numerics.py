@@ -122,7 +122,8 @@ def test_inference_no_grad(pattern):
     torch.testing.assert_close(got, pattern(h.detach(), w.detach(), y), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("pattern", [P.plain_2d, P.view_3d, P.shift_slice, P.shift_pad], ids=lambda p: p.__name__)
+@pytest.mark.parametrize("pattern", [P.plain_2d, P.view_3d, P.shift_slice, P.shift_pad] + P.FEATURES_3D,
+                         ids=lambda p: p.__name__)
 def test_dynamic_shapes_one_graph_for_all_lengths(pattern):
     compiled, rec = compile_recorded(pattern, dynamic=True)
     for seq in (5, 9, 14):
