@@ -2,7 +2,7 @@
 
     python bench/bench_lce.py              # methods x shapes: table on stdout; $OUT (or bench/out/) gets
                                            # bench.json, RESULTS_section.md and bench_lce.png
-    python bench/bench_lce.py --sweep      # our kernels alone: tile configs, variants, slab sizes (bench/NOTES.md)
+    python bench/bench_lce.py --sweep      # the three-GEMM loop's pieces alone, per grad_weight variant
 
 Methods (METHODS=comma list selects):
   floor         three cuBLAS matmuls of N*D*V (logits, grad_hidden, grad_weight): the time floor
@@ -10,10 +10,14 @@ Methods (METHODS=comma list selects):
   compile       torch.compile of the same function (Inductor defaults)
   liger         Liger FusedLinearCrossEntropyLoss (liger-kernel 0.8.5)
   cce           Apple cut-cross-entropy linear_cross_entropy (25.1.1)
-  inductor_lce  torch.compile(fn, options=inductor_lce.options()): the graph pass emits our ops
-  inductor_lce_inlined  the same, with lowerings.inline.InlineTritonOps after the pass in the joint slot
-  lce_op        inductor_lce.linear_cross_entropy eagerly (the ops' CUDA kernels are ours)
-  lce_op_g2     the same with Settings.row_groups=2 (wider slabs; one extra bf16 rounding of grad_weight)
+  inductor_lce  torch.compile(fn, options=inductor_lce.options()): the graph pass emits our ops (the default,
+                three-GEMM algorithm here: gradients in the forward, lce_fused)
+  inductor_lce_lean  the same with options(lean=True): the recompute algorithm (lce_forward + lce_backward)
+  inductor_lce_inlined  the pass, then lowerings.inline.InlineTritonOps in the joint slot (lean ops only)
+  lce_op        inductor_lce.linear_cross_entropy eagerly (mean: the three-GEMM algorithm)
+  lce_op_g2     lean: the recompute ops eagerly with Settings.row_groups=2 (one extra bf16 rounding of grad_weight)
+  NAME@k=v;k=v  any method with lowerings.SETTINGS fields set while it runs (e.g.
+                inductor_lce@fused_state=fp32;fused_workspace_bytes=3e9): sweeps of the plan
   lce_traced    torch.compile of a function calling our triton_op directly (Inductor traces into it and
                 emits the kernels itself)
 Per method: median time (ms, triton.testing.do_bench), op memory (peak during one step minus what was
@@ -43,8 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 SHAPES = [[8192, 2304, 256000], [8192, 4096, 128256], [16384, 2048, 32000]]
-METHODS = ["floor", "eager", "compile", "liger", "cce", "lce_op", "lce_op_g2", "inductor_lce", "inductor_lce_inlined",
-           "lce_traced"]
+METHODS = ["floor", "eager", "compile", "liger", "cce", "inductor_lce", "inductor_lce_lean", "lce_op"]
 MB = 2**20
 DEV = "cuda"
 
@@ -173,18 +176,28 @@ def method_fn(m):
         import inductor_lce
 
         return torch.compile(naive, options=inductor_lce.options())
+    if m == "inductor_lce_lean":
+        import inductor_lce
+
+        return torch.compile(naive, options=inductor_lce.options(lean=True))
     if m == "inductor_lce_inlined":  # the pass, then lowerings.inline: Inductor emits our kernels itself
         import inductor_lce
         from inductor_lce.entry import ChainedPass
         from inductor_lce.lowerings.inline import InlineTritonOps
 
-        opts = inductor_lce.options()
+        opts = inductor_lce.options(lean=True)
         opts["joint_custom_pre_pass"] = ChainedPass(opts["joint_custom_pre_pass"], InlineTritonOps())
         return torch.compile(naive, options=opts)
-    if m in ("lce_op", "lce_op_g2"):  # (run_table sets Settings.row_groups for lce_op_g2)
+    if m == "lce_op":
         import inductor_lce
 
         return lambda h, w, y: inductor_lce.linear_cross_entropy(h, w, y)
+    if m == "lce_op_g2":  # (run_table sets Settings.row_groups for lce_op_g2)
+        import inductor_lce
+
+        def lean_op(h, w, y):  # reduction="none": per-token losses, the recompute ops
+            return inductor_lce.linear_cross_entropy(h, w, y, reduction="none").sum() / (y != -100).sum()
+        return lean_op
     if m == "lce_traced":
         import inductor_lce.lowerings  # noqa: F401  (registers the triton ops)
 
@@ -203,6 +216,35 @@ def versions():
                 date=datetime.date.today().isoformat())
 
 
+def _set_settings(spec):
+    """``k=v;k=v`` -> set those lowerings.SETTINGS fields (numbers parsed); returns the old values."""
+    if not spec:
+        return {}
+    from inductor_lce.lowerings import SETTINGS
+
+    old = {}
+    for item in spec.split(";"):
+        key, value = item.split("=")
+        current = getattr(SETTINGS, key)
+        old[key] = current
+        if isinstance(current, bool):
+            parsed = value in ("1", "true", "True")
+        elif isinstance(current, (int, float)) or (current is None and value.replace(".", "", 1).isdigit()):
+            parsed = (type(current) if current is not None else int)(float(value))   # None fields: byte counts
+        else:
+            parsed = value
+        setattr(SETTINGS, key, parsed)
+    return old
+
+
+def _restore_settings(old):
+    if old:
+        from inductor_lce.lowerings import SETTINGS
+
+        for key, value in old.items():
+            setattr(SETTINGS, key, value)
+
+
 def _set_row_groups(value):
     """Set Settings.row_groups (backward reads it when it runs, after the forward returns); returns the old."""
     if value is None:
@@ -214,29 +256,39 @@ def _set_row_groups(value):
 
 
 def profile(shapes):
-    """Kernel time breakdown of one fwd+bwd step of the eager op (after a warm-up step that autotunes)."""
-    import inductor_lce
+    """Kernel time breakdown of one fwd+bwd step (after a warm-up step that autotunes) of each method in
+    PROFILE_METHODS (default: inductor_lce, inductor_lce_lean), and the step's wall time under the profiler."""
     from torch.profiler import ProfilerActivity, profile as prof
 
+    methods = os.environ.get("PROFILE_METHODS", "inductor_lce,inductor_lce_lean").split(",")
     for N, D, V in shapes:
         h, w, y = make_inputs(N, D, V)
+        for m in methods:
+            base_method, _, spec = m.partition("@")
+            fn = method_fn(base_method)
+            old = _set_settings(spec)
 
-        def step():
-            h.grad = None
-            w.grad = None
-            inductor_lce.linear_cross_entropy(h, w, y).backward()
+            def step():
+                h.grad = None
+                w.grad = None
+                fn(h, w, y).backward()
 
-        step()
-        torch.cuda.synchronize()
-        with prof(activities=[ProfilerActivity.CUDA]) as p:
-            step()
-            torch.cuda.synchronize()
-        rows = [(e.key, e.device_time_total / 1e3, e.count) for e in p.key_averages()]
-        rows.sort(key=lambda r: -r[1])
-        total = sum(r[1] for r in rows)
-        log(f"\n== profile N={N} D={D} V={V}: kernels {total:.2f} ms")
-        for k, t, c in rows[:9]:
-            log(f"  {t:8.2f} ms  {c:5d}x  {k[:90]}")
+            try:
+                step()
+                torch.cuda.synchronize()
+                t0 = time.time()
+                with prof(activities=[ProfilerActivity.CUDA]) as p:
+                    step()
+                    torch.cuda.synchronize()
+                wall = (time.time() - t0) * 1e3
+            finally:
+                _restore_settings(old)
+            rows = [(e.key, e.device_time_total / 1e3, e.count) for e in p.key_averages()]
+            rows.sort(key=lambda r: -r[1])
+            total = sum(r[1] for r in rows)
+            log(f"\n== profile {m} N={N} D={D} V={V}: kernels {total:.2f} ms (wall under profiler {wall:.1f} ms)")
+            for k, t, c in rows[:10]:
+                log(f"  {t:8.2f} ms  {c:5d}x  {k[:90]}")
         del h, w, y
         gc.collect()
         torch.cuda.empty_cache()
@@ -269,16 +321,19 @@ def run_table(shapes, methods):
                 continue
             torch._dynamo.reset()
             counters.clear()
+            base_method, _, spec = m.partition("@")
             try:
-                fn = method_fn(m)
+                fn = method_fn(base_method)
             except Exception as e:
                 r = dict(method=m, error=f"{type(e).__name__}: {str(e)[:300]}")
             else:
                 groups = _set_row_groups(2 if m == "lce_op_g2" else None)
+                old = _set_settings(spec)
                 try:
                     r = measure(m, fn, h, w, y, ref)
                 finally:
                     _set_row_groups(groups)
+                    _restore_settings(old)
             if m.startswith("inductor_lce"):
                 r["pass_counters"] = dict(counters["inductor_lce"])
             r.update(N=N, D=D, V=V)
@@ -351,12 +406,11 @@ def results_section(info, results):
 
 SWEEP_GEMM_CONFIGS = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
                       (128, 256, 64, 8, 4), (64, 256, 64, 4, 4)]
-SWEEP_GH_CONFIGS = [(128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
 
 
 def compile_report():
     """Offline (no GPU): registers, spills, shared memory and wgmma count per kernel, variant and config."""
-    from inductor_lce.lowerings import grad_hidden, grad_logits, lse_forward
+    from inductor_lce.lowerings import grad_logits, lse_forward, matmul_accumulate
     from inductor_lce.lowerings._compile_check import compile_sm90, ptxas_report
 
     common = dict(DOT_FP32=False, DOT_PRECISION="tf32")
@@ -370,8 +424,10 @@ def compile_report():
                         HAS_GRAD_SUM=False, HAS_SOFTCAP=False, EVEN_K=True, GROUP_M=8, **common), {})]
         for mode, first, last in ((1, False, False), (1, False, True), (0, False, False), (0, True, True)):
             types = {"state_ptr": "*i8", "lo_ptr": "*i8"} if mode == 1 else {"state_ptr": "*fp32", "lo_ptr": "*fp32"}
-            builds.append((f"grad_hidden mode={mode} first={first} last={last}", grad_hidden.grad_hidden_kernel_jit,
-                           dict(MODE=mode, FIRST=first, LAST=last, EVEN_K=True, EVEN_D=True, GROUP_M=8, **common), types))
+            builds.append((f"matmul_accumulate mode={mode} first={first} last={last}",
+                           matmul_accumulate.matmul_accumulate_kernel_jit,
+                           dict(MODE=mode, FIRST=first, LAST=last, EVEN_M=True, EVEN_N=True, EVEN_K=True, GROUP_M=8,
+                                **common), types))
         for name, fn, const, types in builds:
             try:
                 rep = ptxas_report(compile_sm90(fn, dict(const, **blk), nw, ns, ptr_types=types))
@@ -381,15 +437,10 @@ def compile_report():
 
 
 def sweep(shapes):
-    """Kernel-level timings of our variants at each shape (correctness is in tests/test_kernels.py)."""
-    import triton
-
-    import inductor_lce.lowerings as L
+    """Kernel-level timings of the three-GEMM loop's pieces at each shape: one row chunk of the default plan,
+    each variant of the grad_weight accumulation, x_chunks = time x chunk count (correctness:
+    tests/test_kernels.py). The recompute path's pieces show in --profile."""
     from inductor_lce.lowerings import lce_triton as I
-    from inductor_lce.lowerings.grad_hidden import grad_hidden_kernel_jit
-    from inductor_lce.lowerings.grad_logits import grad_logits_kernel_jit
-    from inductor_lce.lowerings.grad_logits_inplace import grad_logits_inplace_kernel
-    from inductor_lce.lowerings.lse_forward import lse_forward_kernel_jit
 
     info = versions()
     log(json.dumps(info))
@@ -411,141 +462,43 @@ def sweep(shapes):
         h, w, y = make_inputs(N, D, V)
         h, w = h.detach(), w.detach()
         fl, one = floor_ms(N, D, V)
-        gemm_tflop = 2 * N * D * V / 1e12
         rec(shape=[N, D, V], what="floor_3mm", ms=round(fl, 3), one_mm_ms=round(one, 3))
-        valid = y != -100
-        grad_loss = torch.where(valid, 1.0 / valid.sum(), 0.0).float()
+        plan = I.plan_fused(N, D, V, h.dtype)
+        c = plan.chunk_rows or min(N, 1024)
+        n_chunks = -(-N // c)
+        tf = 2 * c * D * V / 1e12
+        rec(shape=[N, D, V], what="plan", chunk_rows=plan.chunk_rows, state=plan.state_mode,
+            workspace_mb=round(plan.workspace_bytes / MB), n_chunks=n_chunks)
+        stride = I._chunk_stride(V, False)
+        h_c, y_c = h[:c], y[:c]
+        loss, lse = torch.empty(c, device=DEV), torch.empty(c, device=DEV)
+        scale = torch.tensor(1.0 / N, device=DEV)
+        logits = I._logits_chunk(h_c, w, None, stride)
+        gl_t = logits.t()
+        gh = torch.empty(c, D, device=DEV, dtype=h.dtype)
+        gw = torch.zeros(V, D, device=DEV, dtype=h.dtype)
+        st32 = torch.zeros(V, D, device=DEV, dtype=torch.float32)
+        lo = torch.zeros(V, D, device=DEV, dtype=torch.int8)
+        padded = stride % I._max_block_m(I.matmul_accumulate_kernels["grad_weight"][0]) == 0
 
-        # forward: fused kernel per config (default splits), and the cuBLAS + lse_update variant
-        per_split, splits = I.forward_splits(N, V, I._num_sms(str(h.device)))
-        for cfg in SWEEP_GEMM_CONFIGS:
-            bm, bn, bk, nw, ns = cfg
-            m2 = torch.empty(splits, N, device=DEV)
-            se = torch.empty(splits, N, device=DEV)
-            sm = torch.empty(splits, N, device=DEV)
-            tl_ = torch.zeros(N, device=DEV)
+        def accumulate(mode, state):
+            return lambda: I._matmul_accumulate("grad_weight", gl_t, h_c, gw, state, mode=mode, first=False,
+                                                last=False, m_key=I._bucket(V), k_key=I._bucket(c), a_padded=padded)
 
-            def fwd():
-                lse_forward_kernel_jit[(triton.cdiv(N, bm), splits)](
-                    h, w, None, y, m2, se, sm, tl_, N, V, D, per_split, 0, h.stride(0), w.stride(0), 0.0,
-                    HAS_BIAS=False, HAS_SOFTCAP=False, EVEN_K=D % bk == 0, DOT_FP32=False, DOT_PRECISION="tf32",
-                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
-
-            t = try_time(fwd)
-            rec(shape=[N, D, V], what="fwd_fused", cfg=cfg, splits=splits, ms=t,
-                tflops=round(gemm_tflop / t * 1e3, 0) if isinstance(t, float) else None)
-        for n_splits in (4 * -(-132 // -(-N // 128)), 16 * -(-132 // -(-N // 128))):
-            bm, bn, bk, nw, ns = SWEEP_GEMM_CONFIGS[0]
-            ps = -(-(-(-V // n_splits)) // 256) * 256
-            sp = -(-V // ps)
-            m2 = torch.empty(sp, N, device=DEV)
-            se = torch.empty(sp, N, device=DEV)
-            sm = torch.empty(sp, N, device=DEV)
-
-            def fwd_s():
-                lse_forward_kernel_jit[(triton.cdiv(N, bm), sp)](
-                    h, w, None, y, m2, se, sm, tl_, N, V, D, ps, 0, h.stride(0), w.stride(0), 0.0,
-                    HAS_BIAS=False, HAS_SOFTCAP=False, EVEN_K=D % bk == 0, DOT_FP32=False, DOT_PRECISION="tf32",
-                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
-
-            t = try_time(fwd_s)
-            rec(shape=[N, D, V], what="fwd_fused_splits", cfg=SWEEP_GEMM_CONFIGS[0], splits=sp, ms=t)
-        for ws in (56, 200):
-            I.SETTINGS.workspace_bytes, I.SETTINGS.forward = ws * MB, "cublas"
-            t = try_time(lambda: I._forward_cublas(h, w, None, y, 0.0))
-            rec(shape=[N, D, V], what="fwd_cublas_lse_update", workspace_mb=ws, ms=t)
-        I.SETTINGS.workspace_bytes, I.SETTINGS.forward = 56 * MB, "fused"
-        lse = L.lce_forward_impl(h, w, None, y, -100)[1]
-
-        # backward components for one V-slab at the default plan's width and at a 4x wider slab
-        plan = I.plan_backward(N, D, V, h.dtype, workspace=56 * MB)
-        for slab in (plan.slab, 4 * plan.slab):
-            slab = min(slab, V)
-            v0 = 0
-            ws = w[v0:v0 + slab]
-            gl = torch.empty(N, slab, device=DEV, dtype=h.dtype)
-            tf = 2 * N * D * slab / 1e12
-            n_slabs = -(-V // slab)
-            rec(shape=[N, D, V], what="plan", slab=slab, n_slabs=n_slabs, mode=plan.mode)
-            t = try_time(lambda: torch.mm(h, ws.T, out=gl))
-            rec(shape=[N, D, V], what="slab_logits_cublas", slab=slab, ms=t, x_slabs=_x(t, n_slabs))
-            empty_b = torch.empty(0, device=DEV)
-            for cfg in SWEEP_GEMM_CONFIGS:
-                bm, bn, bk, nw, ns = cfg
-
-                def glk():
-                    grad_logits_kernel_jit[(triton.cdiv(N, bm) * triton.cdiv(slab, bn),)](
-                        h, w, None, y, lse, grad_loss, None, None, gl, empty_b, N, D, v0, slab, 0, h.stride(0),
-                        w.stride(0), gl.stride(0), -100, 0.0, HAS_BIAS=False, HAS_GRAD_LSE=False, HAS_GRAD_SUM=False,
-                        HAS_SOFTCAP=False, EVEN_K=D % bk == 0,
-                        DOT_FP32=False, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                        num_warps=nw, num_stages=ns)
-
-                t = try_time(glk)
-                rec(shape=[N, D, V], what="slab_grad_logits_fused", slab=slab, cfg=cfg, ms=t,
-                    tflops=round(tf / t * 1e3) if isinstance(t, float) else None, x_slabs=_x(t, n_slabs))
-
-            def gl_inplace():
-                torch.mm(h, ws.T, out=gl)
-                grad_logits_inplace_kernel[lambda m: (triton.cdiv(N, m["BLOCK_M"]), triton.cdiv(slab, m["BLOCK_N"]))](
-                    gl, y, lse, grad_loss, None, None, empty_b, N, slab, v0, gl.stride(0), -100, 0.0,
-                    HAS_BIAS=False, HAS_GRAD_LSE=False, HAS_GRAD_SUM=False, HAS_SOFTCAP=False,
-                    EMULATE_ROUNDING=False)
-
-            t = try_time(gl_inplace)
-            rec(shape=[N, D, V], what="slab_grad_logits_cublas_inplace", slab=slab, ms=t, x_slabs=_x(t, n_slabs))
-            gl.normal_().mul_(1e-3)
-            gw = torch.empty(slab, D, device=DEV, dtype=h.dtype)
-            t = try_time(lambda: torch.mm(gl.T, h, out=gw))
-            rec(shape=[N, D, V], what="slab_grad_weight_cublas", slab=slab, ms=t,
-                tflops=round(tf / t * 1e3) if isinstance(t, float) else None, x_slabs=_x(t, n_slabs))
-            gh_ref = torch.empty(N, D, device=DEV, dtype=h.dtype)
-            t = try_time(lambda: torch.mm(gl, ws, out=gh_ref))
-            rec(shape=[N, D, V], what="slab_grad_hidden_cublas_plain", slab=slab, ms=t,
-                tflops=round(tf / t * 1e3) if isinstance(t, float) else None, x_slabs=_x(t, n_slabs))
-            t = try_time(lambda: gh_ref.addmm_(gl, ws))
-            rec(shape=[N, D, V], what="slab_grad_hidden_cublas_addmm_bf16", slab=slab, ms=t, x_slabs=_x(t, n_slabs))
-            out = torch.zeros(N, D, device=DEV, dtype=h.dtype)
-            lo = torch.zeros(N, D, device=DEV, dtype=torch.int8)
-            st = torch.zeros(N, D, device=DEV, dtype=torch.float32)
-            for cfg in SWEEP_GH_CONFIGS:
-                bm, bn, bk, nw, ns = cfg
-                for label, mode, first, last, state in (("write_once", 0, True, True, out),
-                                                        ("compensated", 1, False, False, lo),
-                                                        ("fp32_state", 0, False, False, st)):
-                    def ghk():
-                        grad_hidden_kernel_jit[(triton.cdiv(N, bm) * triton.cdiv(D, bn),)](
-                            gl, ws, state, state if mode == 0 else lo, out, N, D, slab, 0, gl.stride(0),
-                            w.stride(0), D, D, MODE=mode, FIRST=first, LAST=last,
-                            EVEN_K=slab % bk == 0, EVEN_D=D % bn == 0, DOT_FP32=False, DOT_PRECISION="tf32",
-                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=nw, num_stages=ns)
-
-                    t = try_time(ghk)
-                    rec(shape=[N, D, V], what=f"slab_grad_hidden_{label}", slab=slab, cfg=cfg, ms=t,
-                        tflops=round(tf / t * 1e3) if isinstance(t, float) else None, x_slabs=_x(t, n_slabs))
-            del gl, gw, gh_ref, out, lo, st
-            torch.cuda.empty_cache()
-
-        # whole op, fwd+bwd, eager path, several settings
-        ref = reference(h, w, y)
-        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-        import inductor_lce
-
-        for label, settings in (("default_56MB", {}),
-                                ("ws_120MB", dict(workspace_bytes=120 * MB)),
-                                ("ws_400MB", dict(workspace_bytes=400 * MB)),
-                                ("fp32_state_ws_200MB", dict(workspace_bytes=200 * MB, grad_hidden_state="fp32")),
-                                ("cublas_fwd", dict(forward="cublas")),
-                                ("cublas_grad_logits", dict(grad_logits="cublas"))):
-            saved = {k: getattr(I.SETTINGS, k) for k in settings}
-            for k, v in settings.items():
-                setattr(I.SETTINGS, k, v)
-            r = measure("lce_op_" + label, lambda a, b, c: inductor_lce.linear_cross_entropy(a, b, c), hh, ww, y, ref)
-            for k, v in saved.items():
-                setattr(I.SETTINGS, k, v)
-            r.update(shape=[N, D, V], what="op_fwd_bwd", x_floor=round(r["ms"] / fl, 2) if "ms" in r else None)
-            rec(**r)
-        del h, w, y, hh, ww, ref, lse
+        pieces = [("logits_mm_cublas", lambda: I._logits_chunk(h_c, w, None, stride)),
+                  ("softmax_grad_rows", lambda: I._softmax_grad_rows(logits, y_c, loss, lse, scale, -100, 0.0, False)),
+                  ("grad_hidden_mm_cublas", lambda: torch.mm(logits, w, out=gh)),
+                  ("grad_weight_mm_cublas_bf16_overwrite", lambda: torch.mm(gl_t, h_c, out=gw)),
+                  ("grad_weight_mm_triton_fp32", accumulate(I.MODE_FP32, st32)),
+                  ("grad_weight_mm_triton_compensated", accumulate(I.MODE_COMPENSATED, lo))]
+        if I._cublas_fp32_accumulate_works(DEV):
+            pieces.append(("grad_weight_mm_cublas_fp32_addmm",
+                           lambda: torch.ops.aten.addmm.dtype_out(st32, gl_t, h_c, torch.float32, out=st32)))
+        for what, fn in pieces:
+            t = try_time(fn)
+            rec(shape=[N, D, V], what=what, ms=t, x_chunks=_x(t, n_chunks),
+                tflops=round(tf / t * 1e3) if isinstance(t, float) and "_mm_" in what else None)
+        del logits, gl_t, gh, gw, st32, lo, h, w, y
         gc.collect()
         torch.cuda.empty_cache()
         json.dump(rows, open(os.path.join(out_dir(), "sweep.json"), "w"), indent=1)
@@ -553,25 +506,9 @@ def sweep(shapes):
 
 
 def summarize_sweep(rows):
-    """Compact view: best config per (shape, kernel, slab) and the whole-op rows."""
-    best = {}
+    """Compact view: one line per (shape, piece)."""
     for r in rows:
-        t = r.get("ms")
-        if not isinstance(t, float) or "cfg" not in r:
-            continue
-        k = (tuple(r["shape"]), r["what"], r.get("slab"))
-        if k not in best or t < best[k]["ms"]:
-            best[k] = r
-    for r in rows:
-        if "cfg" in r:
-            if best.get((tuple(r["shape"]), r["what"], r.get("slab"))) is r:
-                log(f"{r['shape']} {r['what']:<34} slab={r.get('slab')} best {r['cfg']} {r['ms']} ms "
-                    f"{r.get('tflops')} TF x_slabs={r.get('x_slabs')}")
-        elif r.get("what") == "op_fwd_bwd":
-            log(f"{r['shape']} {r['method']:<28} {r.get('ms')} ms x{r.get('x_floor')} mem {r.get('op_mem_mb')} "
-                f"(+{r.get('extra_mb')}) err {r.get('err_loss')} {r.get('err_gh')} {r.get('err_gw')} {r.get('error', '')}")
-        else:
-            log(f"{r['shape']} {r['what']:<34} " + " ".join(f"{k}={v}" for k, v in r.items() if k not in ("shape", "what")))
+        log(f"{r['shape']} {r['what']:<38} " + " ".join(f"{k}={v}" for k, v in r.items() if k not in ("shape", "what")))
 
 
 def _x(t, n):

@@ -13,16 +13,21 @@ from .graph_pass import LinearCrossEntropyPass
 SLOTS = ("joint_custom_pre_pass", "post_grad_custom_pre_pass")
 
 
-def options(*, low_precision_logits: bool = False) -> dict:
+def options(*, low_precision_logits: bool = False, lean: bool = False) -> dict:
     """``torch.compile(model, options=inductor_lce.options())``.
+
+    ``lean=True`` always takes the recompute algorithm (four GEMMs, about 64 MB above the gradients);
+    by default a site whose tokens all get the same incoming gradient (mean, sum, sum / num_items)
+    takes the three-GEMM algorithm: about plain ``torch.compile``'s speed with a workspace of at most
+    ~40% of one low-precision [N, V] logits tensor. See README, "Choosing the algorithm".
 
     ``low_precision_logits=True`` also rewrites a cross-entropy read straight off bf16/fp16
     logits (no ``.float()``, as nanoGPT writes it). The fused loss is computed in fp32 there:
     more accurate than eager's, which rounds the log-probs to bf16, so not bit-equal to it."""
     return {
-        "joint_custom_pre_pass": LinearCrossEntropyPass(low_precision_logits=low_precision_logits),
+        "joint_custom_pre_pass": LinearCrossEntropyPass(low_precision_logits=low_precision_logits, lean=lean),
         "post_grad_custom_pre_pass": LinearCrossEntropyPass(report_training_graphs=False,
-                                                            low_precision_logits=low_precision_logits),
+                                                            low_precision_logits=low_precision_logits, lean=lean),
     }
 
 

@@ -12,9 +12,17 @@ classes (a cross-entropy *site*), then checks, without touching the graph:
   users     no node of the region (logits, log-probs, their gradients) is read by
             anything outside it
 
-and only then rewrites: the per-token loss, the class sum and the logsumexps become
-``lce_forward``'s outputs (loss, sum_logits - V * lse, lse), the gradient matmuls
-become ``lce_backward``'s outputs, and everything [N, V] dies.
+and only then rewrites, with one of two algorithms chosen per site (``choose_algorithm``):
+
+  three_gemm  every scored token gets the same incoming gradient (mean, sum, sum / num_items:
+              patterns/uniform_grad.py) and no z-loss / label smoothing reads the lse: ``lce_fused``
+              computes the loss and the gradients in the forward (scaled by the forward factor of
+              that gradient); the backward multiplies them by the loss's incoming gradient.
+  recompute   otherwise, or with ``lean=True``: the per-token loss, the class sum and the logsumexps
+              become ``lce_forward``'s outputs (loss, sum_logits - V * lse, lse) and the gradient
+              matmuls ``lce_backward``'s outputs (four GEMMs, ~64 MB of workspace).
+
+Either way everything [N, V] dies.
 The user's reduction (mean / sum / none, whatever scaling of the incoming
 gradient) is left exactly as the graph computes it.  A site that fails a check is
 left alone and counted in ``counters["inductor_lce"]["skip_<reason>"]``.
@@ -41,6 +49,7 @@ from .patterns.logits import LogitsChain, LogitsGrad, match_logits_chain, match_
 from .patterns.logsumexp import match_logsumexp, match_logsumexp_backward
 from .patterns.nll import NllBackward, NllForward, match_nll_backward, match_nll_forward
 from .patterns.softcap import saved_tanh
+from .patterns.uniform_grad import UniformGrad, match_uniform_grad, unit_tangent_value
 
 log = logging.getLogger("inductor_lce")
 
@@ -65,6 +74,9 @@ class Site:
     cast: Optional[Node] = None               # log-probs cast to bf16/fp16 (no .float(): opt-in)
     class_sum: Optional[ClassSum] = None      # sum of the log-probs over the classes (label smoothing)
     lse_uses: list = field(default_factory=list)  # LogSumExp of the scored logits (z-loss)
+    algorithm: str = "recompute"              # "three_gemm" or "recompute" (choose_algorithm)
+    why: str = ""                             # why this algorithm
+    uniform: Optional[UniformGrad] = None     # the incoming gradient, when the same for every token
 
     @property
     def location(self) -> str:
@@ -149,6 +161,60 @@ def analyze(site: Site, low_precision_logits: bool = False) -> Site:
         raise NoMatch("log_softmax_backward_form", "a logsumexp has a backward, the cross-entropy none")
     _check_users(site)
     return site
+
+
+THREE_GEMM, RECOMPUTE = "three_gemm", "recompute"
+
+
+def choose_algorithm(site: Site, lean: bool = False) -> Site:
+    """Three GEMMs (gradients in the forward) where the site allows it, else recompute; never mutates.
+
+    The three-GEMM rewrite needs a backward, the same incoming gradient on every scored token (a
+    forward factor times the loss's 0-dim gradient), nothing else reading the lse (z-loss) or the class
+    sum (label smoothing), and the forward factor's inputs computable before the loss."""
+    if lean:
+        site.algorithm, site.why = RECOMPUTE, "lean=True"
+        return site
+    if not site.backward:
+        site.algorithm, site.why = RECOMPUTE, "no backward (inference): forward only"
+        return site
+    if site.class_sum is not None or site.lse_uses:
+        site.algorithm, site.why = RECOMPUTE, "label smoothing / z-loss read the lse: per-token gradients"
+        return site
+    try:
+        uniform = match_uniform_grad(_grad_value(site.backward[1].grad_tok))
+        _check_hoistable(site, uniform.factors)
+    except NoMatch as e:
+        site.algorithm, site.why = RECOMPUTE, e.detail or e.reason
+        return site
+    site.algorithm, site.why, site.uniform = THREE_GEMM, "same incoming gradient for every token", uniform
+    return site
+
+
+def _grad_value(grad_tok: Node) -> Node:
+    """X of the nll backward's ``where(valid, X, 0)``."""
+    return grad_tok.args[1]
+
+
+def _nodes_to_hoist(anchor: Node, factors: list) -> list:
+    """Ancestors of ``factors`` placed at or after ``anchor``, in graph order."""
+    order = _position(anchor.graph)
+    found, stack = set(), [f for f in factors if isinstance(f, Node)]
+    while stack:
+        node = stack.pop()
+        if node in found or node.op == "placeholder" or order(node) < order(anchor):
+            continue
+        found.add(node)
+        stack.extend(node.all_input_nodes)
+    return sorted(found, key=order)
+
+
+def _check_hoistable(site: Site, factors: list) -> None:
+    internal, outputs = _region(site)
+    region = set(internal) | set(outputs)
+    for node in _nodes_to_hoist(site.nll.loss_tok, factors):
+        if node in region or node.op != "call_function":
+            raise NoMatch("per_token_grad", f"the gradient's scale {node.name} needs the loss itself")
 
 
 def _match_lse_uses(site: Site) -> list:
@@ -277,6 +343,14 @@ def _ops_for(device_type: str):
     return torch.ops.inductor_lce.lce_forward.default, torch.ops.inductor_lce.lce_backward.default
 
 
+def _fused_op_for(device_type: str):
+    try:
+        from .lowerings import fused_op_for
+    except ImportError:
+        return torch.ops.inductor_lce.lce_fused.default
+    return fused_op_for(device_type)
+
+
 _ROW_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default)
 
 
@@ -354,8 +428,17 @@ def rewrite(graph: Graph, site: Site, fake_mode) -> None:
         filled = emit(anchor, aten.full.default, [n_rows], nll.ignore_index, dtype=torch.int64,
                       device=target.meta["val"].device)
         target = emit(anchor, aten.scatter.src, filled, 0, row_index, target)
-    out = emit(anchor, fwd_op, chain.hidden, chain.weight, chain.bias, target, nll.ignore_index, softcap)
-    loss, lse, sum_logits = (emit(anchor, operator.getitem, out, i) for i in range(3))
+    if site.algorithm == THREE_GEMM:
+        for node in _nodes_to_hoist(anchor, site.uniform.factors):
+            anchor.prepend(node)                  # the forward factor's inputs, computed before the loss
+        grad_scale = unit_tangent_value(emit, anchor, site.uniform)
+        out = emit(anchor, _fused_op_for(chain.hidden.meta["val"].device.type), chain.hidden, chain.weight,
+                   chain.bias, target, grad_scale, nll.ignore_index, softcap)
+        loss = emit(anchor, operator.getitem, out, 0)
+        fused_grads = [emit(anchor, operator.getitem, out, i) for i in (2, 3, 4)]
+    else:
+        out = emit(anchor, fwd_op, chain.hidden, chain.weight, chain.bias, target, nll.ignore_index, softcap)
+        loss, lse, sum_logits = (emit(anchor, operator.getitem, out, i) for i in range(3))
     new_loss_tok = loss_rows.take(loss, nll.loss_tok)
     nll.loss_tok.replace_all_uses_with(new_loss_tok)
     num_classes = emit.size(anchor, chain.weight, 0)
@@ -370,7 +453,14 @@ def rewrite(graph: Graph, site: Site, fake_mode) -> None:
         use.output.replace_all_uses_with(rows.take(lse, use.output, use.input))
         lse_rows.append(rows)
 
-    if site.backward:
+    if site.backward and site.algorithm == THREE_GEMM:
+        grad = site.backward[2]
+        anchor = min([n for n in (grad.grad_hidden, grad.grad_weight, grad.grad_bias) if n is not None],
+                     key=_position(graph))
+        # the gradients of sum(X(T=1) * loss_n), times T = the loss's incoming gradient
+        outs = [emit(anchor, aten.mul.Tensor, g, site.uniform.tangent) for g in fused_grads]
+        _replace_grads(emit, anchor, grad, outs)
+    elif site.backward:
         _, nll_bwd, grad = site.backward
         grads = [n for n in (grad.grad_hidden, grad.grad_weight, grad.grad_bias) if n is not None]
         anchor = min(grads, key=_position(graph))
@@ -388,18 +478,22 @@ def rewrite(graph: Graph, site: Site, fake_mode) -> None:
             total_grad_lse = term if total_grad_lse is None else emit(anchor, aten.add.Tensor, total_grad_lse, term)
         outs = emit(anchor, bwd_op, grad_loss, total_grad_lse, grad_sum, chain.hidden, chain.weight, chain.bias,
                     target, lse, nll.ignore_index, softcap)
-        if grad.grad_hidden is not None:
-            grad.grad_hidden.replace_all_uses_with(emit(anchor, operator.getitem, outs, 0))
-        if grad.grad_weight is not None:
-            grad_weight = emit(anchor, operator.getitem, outs, 1)
-            if grad.grad_weight_transposed:
-                grad_weight = emit(anchor, aten.permute.default, grad_weight, [1, 0])
-            grad.grad_weight.replace_all_uses_with(grad_weight)
-        if grad.grad_bias is not None:
-            grad_bias = emit(anchor, operator.getitem, outs, 2)
-            grad_bias = emit(anchor, aten.reshape.default, grad_bias, list(shape(grad.grad_bias)))
-            grad.grad_bias.replace_all_uses_with(grad_bias)
+        _replace_grads(emit, anchor, grad, [emit(anchor, operator.getitem, outs, i) for i in range(3)])
     _repoint_sizes(site, _label_views(nll.target) + [chain.hidden, new_loss_tok])
+
+
+def _replace_grads(emit: _Emitter, anchor: Node, grad: LogitsGrad, outs: list) -> None:
+    """The graph's gradient matmuls of hidden / weight / bias -> the op's (grad_hidden, grad_weight, grad_bias)."""
+    grad_hidden, grad_weight, grad_bias = outs
+    if grad.grad_hidden is not None:
+        grad.grad_hidden.replace_all_uses_with(grad_hidden)
+    if grad.grad_weight is not None:
+        if grad.grad_weight_transposed:
+            grad_weight = emit(anchor, aten.permute.default, grad_weight, [1, 0])
+        grad.grad_weight.replace_all_uses_with(grad_weight)
+    if grad.grad_bias is not None:
+        grad_bias = emit(anchor, aten.reshape.default, grad_bias, list(shape(grad.grad_bias)))
+        grad.grad_bias.replace_all_uses_with(grad_bias)
 
 
 def _label_views(target: Node) -> list:
@@ -489,13 +583,17 @@ class LinearCrossEntropyPass(CustomGraphPass):
     inference graphs; ``inductor_lce.options()`` does both.
     """
 
-    def __init__(self, *, report_training_graphs: bool = True, low_precision_logits: bool = False):
+    def __init__(self, *, report_training_graphs: bool = True, low_precision_logits: bool = False,
+                 lean: bool = False):
         # options() puts a second instance in the post-grad slot behind the joint one; that
         # one stays quiet on training graphs, whose sites the joint pass already judged.
         self.report_training_graphs = report_training_graphs
         # also rewrite a loss on bf16/fp16 logits (no .float(), nanoGPT): the fused loss is then
         # computed in fp32 and more accurate than eager's, so not bit-equal to it (opt-in)
         self.low_precision_logits = low_precision_logits
+        # never take the three-GEMM algorithm: ~64 MB of workspace instead of up to ~40% of one
+        # low-precision [N, V] logits tensor, for ~1.3-1.4x the time (README: choosing the algorithm)
+        self.lean = lean
 
     def __call__(self, graph: Graph) -> None:
         sites = find_sites(graph)
@@ -514,7 +612,7 @@ class LinearCrossEntropyPass(CustomGraphPass):
         fake_mode = _fake_mode(graph)
         for site in sites:
             try:
-                analyze(site, self.low_precision_logits)
+                choose_algorithm(analyze(site, self.low_precision_logits), self.lean)
             except NoMatch as e:
                 self._skip(site, e.reason, e.detail)
                 continue
@@ -538,9 +636,10 @@ class LinearCrossEntropyPass(CustomGraphPass):
                 # nodes of later sites belong to the discarded graph: stop here
                 return
             _count("rewrites")
-            _report(site, "rewritten", "forward+backward" if site.backward else "forward")
-            kind = "forward+backward" if site.backward else "forward"
-            log.info("inductor_lce: rewrote cross-entropy %s (%s)", site.name, kind)
+            _count(f"algorithm_{site.algorithm}")
+            kind = ("forward+backward" if site.backward else "forward") + f", {site.algorithm}"
+            _report(site, "rewritten", kind, site.why)
+            log.info("inductor_lce: rewrote cross-entropy %s (%s: %s)", site.name, kind, site.why)
 
     def _skip(self, site: Site, reason: str, detail: str = "") -> None:
         global _warned_post_grad_training
@@ -559,7 +658,7 @@ class LinearCrossEntropyPass(CustomGraphPass):
             )
 
     def uuid(self) -> str:
-        flags = f"{int(self.report_training_graphs)}{int(self.low_precision_logits)}"
+        flags = f"{int(self.report_training_graphs)}{int(self.low_precision_logits)}{int(self.lean)}"
         return f"{get_hash_for_files(_source_files()).hex()}-{flags}"
 
 

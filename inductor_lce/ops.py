@@ -11,6 +11,12 @@ work on flattened tokens (``hidden`` [N, D], ``target`` [N]); the math is in
 * ``inductor_lce::lce_backward(grad_loss, grad_lse, grad_sum_logits, hidden, weight, bias, target, lse,
   ignore_index, softcap=0.0)`` -> ``(grad_hidden [N, D], grad_weight [V, D], grad_bias [V] or [0])``.
 
+* ``inductor_lce::lce_fused(hidden, weight, bias, target, grad_scale, ignore_index, softcap=0.0)``
+  -> ``(loss [N], lse [N], grad_hidden [N, D], grad_weight [V, D], grad_bias [V] or [0])``: the three-GEMM
+  algorithm. ``grad_scale`` is a 0-dim fp32 tensor, the incoming gradient of every scored token's loss;
+  the gradients are those of ``sum_n grad_scale * loss_n``, computed in the same pass over row chunks
+  as the loss. Used where every token gets the same incoming gradient (mean, sum, sum / num_items).
+
 ``softcap > 0`` scores ``softcap * tanh(logits / softcap)`` (Gemma 2's final logit
 soft-capping) instead of the logits.  Reductions (mean / sum / none), label
 smoothing, z-loss and the causal shift are plain PyTorch on the three outputs, so
@@ -25,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference import lce_backward_reference, lce_forward_reference
+from .reference import lce_backward_reference, lce_forward_reference, lce_fused_reference
 
 _NO_GRAD_BIAS_SHAPE = (0,)
 
@@ -78,6 +84,36 @@ def lce_backward_fake(grad_loss, grad_lse, grad_sum_logits, hidden, weight, bias
 lce_backward.register_fake(lce_backward_fake)
 
 
+@torch.library.custom_op("inductor_lce::lce_fused", mutates_args=())
+def lce_fused(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, grad_scale: Tensor,
+    ignore_index: int, softcap: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_softcap(softcap)
+    check_grad_scale(grad_scale)
+    loss, lse, grad_hidden, grad_weight, grad_bias = lce_fused_reference(
+        hidden, weight, bias, target, grad_scale, ignore_index, softcap)
+    if grad_bias is None:
+        grad_bias = weight.new_empty(_NO_GRAD_BIAS_SHAPE)
+    return loss, lse, grad_hidden, grad_weight, grad_bias
+
+
+def lce_fused_fake(hidden, weight, bias, target, grad_scale, ignore_index, softcap=0.0):
+    n = hidden.shape[0]
+    grad_bias = weight.new_empty(_NO_GRAD_BIAS_SHAPE) if bias is None else torch.empty_like(bias)
+    return (hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32),
+            torch.empty_like(hidden), torch.empty_like(weight), grad_bias)
+
+
+lce_fused.register_fake(lce_fused_fake)
+
+
+def check_grad_scale(grad_scale: Tensor) -> None:
+    if grad_scale.dim() != 0 or grad_scale.dtype != torch.float32:
+        raise ValueError(f"grad_scale must be a 0-dim float32 tensor, got {grad_scale.dtype} "
+                         f"of shape {tuple(grad_scale.shape)}")
+
+
 def check_softcap(softcap: float) -> None:
     if not softcap >= 0.0 or softcap == float("inf"):
         raise ValueError(f"softcap must be a finite number >= 0 (0 = off), got {softcap}")
@@ -112,6 +148,35 @@ def register_lce_autograd(forward_op, backward_op) -> None:
 register_lce_autograd(lce_forward, lce_backward)
 
 _REDUCTIONS = ("mean", "sum", "none")
+
+
+class _ThreeGemmLoss(torch.autograd.Function):
+    """mean / sum of the per-token loss, with the gradients computed in the forward (``lce_fused``);
+    the backward multiplies them by the incoming gradient, in place (so a second backward through
+    the same graph, ``retain_graph=True``, is refused)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, ignore_index, softcap, mean):
+        n_valid = (target != ignore_index).sum().float()
+        grad_scale = (1.0 / n_valid) if mean else torch.ones((), device=hidden.device)
+        loss, _, grad_hidden, grad_weight, grad_bias = lce_fused(
+            hidden, weight, bias, target, grad_scale.float(), ignore_index, softcap)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.has_bias = bias is not None
+        ctx.used = False
+        total = loss.sum()
+        return total / n_valid if mean else total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.used:
+            raise RuntimeError("inductor_lce.linear_cross_entropy: backward through the same graph twice "
+                               "(retain_graph=True) is not supported with reduction='mean'/'sum'")
+        ctx.used = True
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_out.reshape(())
+        grads = [g.mul_(scale) for g in (grad_hidden, grad_weight, grad_bias)]
+        return grads[0], grads[1], (grads[2] if ctx.has_bias else None), None, None, None, None
 
 
 def shift_targets(labels: Tensor, ignore_index: int) -> Tensor:
@@ -170,6 +235,12 @@ def linear_cross_entropy(
         raise ValueError("shift=True needs labels with a sequence dimension")
     target = shift_targets(labels, ignore_index) if shift else labels
     target = target.reshape(-1).long()
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if needs_grad and reduction != "none" and not label_smoothing:
+        # every token gets the same incoming gradient: the three-GEMM algorithm
+        return _ThreeGemmLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, target, ignore_index,
+                                    softcap, reduction == "mean")
     loss, lse, sum_logits = lce_forward(hidden.reshape(-1, hidden.shape[-1]), weight, bias, target, ignore_index,
                                         softcap)
     if label_smoothing:

@@ -22,6 +22,16 @@ Backward, given per-token incoming gradients ``g_n`` (for loss_n), ``g_lse_n``
 Only ``chunk_size`` rows of logits exist at a time: peak extra memory is
 O(chunk_size * V) plus, for low-precision weights, an fp32 accumulator of
 grad_weight ([V, D]) so that chunking loses no precision against eager.
+
+Two algorithms use these formulas:
+
+* recompute (``lce_forward`` + ``lce_backward``, four GEMMs of N*D*V): the forward keeps only ``lse``;
+  the backward recomputes the logits. Any per-token incoming gradients (reduction="none" with weights,
+  z-loss, label smoothing).
+* gradients in the forward (``lce_fused``, three GEMMs): when every scored token gets the same incoming
+  gradient ``g_n = grad_scale`` (mean, sum, sum / num_items_in_batch), one pass over row chunks computes
+  the loss and the gradients of ``sum_n grad_scale * loss_n``; the backward only multiplies them by the
+  incoming gradient of the reduced loss.
 """
 from __future__ import annotations
 
@@ -126,3 +136,53 @@ def lce_backward_reference(
             grad_bias += grad_logits_lp.to(acc_dtype).sum(0)
     grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
     return grad_hidden, grad_weight.to(weight.dtype), grad_bias
+
+
+def lce_fused_reference(
+    hidden: Tensor,            # [N, D]
+    weight: Tensor,            # [V, D]
+    bias: Optional[Tensor],    # [V] or None
+    target: Tensor,            # [N] int
+    grad_scale: Tensor,        # [] fp32: the incoming gradient of every scored token's loss
+    ignore_index: int,
+    softcap: float = 0.0,
+    chunk_size: Optional[int] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Three GEMMs per row chunk: loss [N], lse [N] (fp32), and the gradients of
+    ``sum_n grad_scale * loss_n`` (ignored tokens contribute nothing): grad_hidden [N, D],
+    grad_weight [V, D] (fp32 accumulator over chunks for 16-bit weights), grad_bias [V] (None without bias).
+
+    Equals ``lce_forward`` followed by ``lce_backward`` with ``grad_loss = grad_scale`` on every token,
+    with the logits of a chunk computed once."""
+    N, V = hidden.shape[0], weight.shape[0]
+    check_targets(target, V, ignore_index)
+    chunk = chunk_size or chunk_rows(V)
+    scale = grad_scale.float().reshape(())
+    loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden)
+    acc_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+    grad_bias = None if bias is None else torch.zeros(V, dtype=acc_dtype, device=weight.device)
+    for start in range(0, N, chunk):
+        rows = slice(start, min(start + chunk, N))
+        h = hidden[rows]
+        y = target[rows]
+        valid = y != ignore_index
+        logits = _logits(h, weight, bias, softcap)                          # [C, V]
+        lse_c = torch.logsumexp(logits, dim=-1)                             # [C]
+        safe_y = torch.where(valid, y, 0).unsqueeze(1)
+        loss[rows] = torch.where(valid, lse_c - logits.gather(1, safe_y).squeeze(1), 0.0)
+        lse[rows] = lse_c
+        g = torch.where(valid, scale, 0.0)                                  # [C]
+        grad_logits = torch.exp(logits - lse_c.unsqueeze(1)) * g.unsqueeze(1)
+        grad_logits.scatter_add_(1, safe_y, -g.unsqueeze(1))
+        if softcap:
+            grad_logits *= 1 - (logits / softcap) ** 2                      # d(c tanh(z/c))/dz
+        grad_logits_lp = grad_logits.to(hidden.dtype)                        # what eager feeds its mm
+        grad_hidden[rows] = grad_logits_lp @ weight
+        grad_weight.addmm_(grad_logits_lp.t().to(acc_dtype), h.to(acc_dtype))
+        if grad_bias is not None:
+            grad_bias += grad_logits_lp.to(acc_dtype).sum(0)
+    grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+    return loss, lse, grad_hidden, grad_weight.to(weight.dtype), grad_bias

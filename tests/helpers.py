@@ -34,8 +34,17 @@ def _output_vals(graph):
     vals = []
     for a in torch.fx.node.map_aggregate(out.args[0], lambda x: x) if isinstance(out.args[0], (list, tuple)) else [out.args[0]]:
         if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor):
-            vals.append((a.name, tuple(a.meta["val"].shape)))
+            vals.append((a.name, tuple(a.meta["val"].shape), _fused_gradient(a)))
     return vals
+
+
+def _fused_gradient(node) -> bool:
+    """Whether ``node`` is one of the gradients the three-GEMM op computes in the forward
+    (``lce_fused``'s outputs 2-4: grad_hidden, grad_weight, grad_bias), which the forward saves."""
+    if node.target is not operator.getitem or node.args[1] not in (2, 3, 4):
+        return False
+    op = node.args[0]
+    return isinstance(op, torch.fx.Node) and "lce_fused" in str(op.target)
 
 
 def compile_recorded(fn, options=None, **compile_kwargs):
@@ -51,11 +60,13 @@ def compile_recorded(fn, options=None, **compile_kwargs):
 
 def saved_numels(post_grad: Recorder):
     """Numels of everything the partitioned forward graph(s) compute and return (outputs +
-    saved tensors); inputs passed through for backward (hidden, weight) are not counted."""
+    saved tensors); inputs passed through for backward (hidden, weight) are not counted, nor the
+    gradients the three-GEMM op computes in the forward (grad_weight is [V, D]: it can exceed N * V
+    for tiny N, and it is the gradient, not an activation)."""
     numels = [0]
     for _, _, vals in post_grad.of_kind("forward"):
-        for name, shape in vals:
-            if name.startswith("primals"):
+        for name, shape, fused_gradient in vals:
+            if name.startswith("primals") or fused_gradient:
                 continue
             n = 1
             for s in shape:

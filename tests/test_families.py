@@ -239,9 +239,9 @@ def test_nanogpt_under_autocast_needs_no_opt_in():
     ours = compiled(h, w, y)
     ours_grads = torch.autograd.grad(ours, (h, w))
     assert rewrites() == 1 and not skips(), skips()
-    saved = [shape for _, _, vals in rec["post_grad"].of_kind("forward") for name, shape in vals
+    saved = [shape for _, _, vals in rec["post_grad"].of_kind("forward") for name, shape, _ in vals
              if not name.startswith("primals")]
-    assert [V, D] in [list(s) for s in saved]  # autocast's bf16 copy of the weight: expected
+    assert [V, D] in [list(s) for s in saved]  # the fused op's grad_weight (or autocast's bf16 weight copy)
     assert not [s for s in saved if s and s[-1] == V], saved  # no [N, V] logits
     eager = step(h, w, y)
     eager_grads = torch.autograd.grad(eager, (h, w))

@@ -43,42 +43,29 @@ class TestFamilySnapshots(TestCase):
             _op_lines(F.nanogpt_no_float, _inputs(torch.bfloat16), low_precision_logits=True)))
         self.assertExpectedInline("\n".join(blocks), """\
 # linear_bias
-inductor_lce.lce_forward(view, primals_2, primals_3, view_3, -100, 0.0)
-inductor_lce.lce_backward(reshape_default, None, None, view, primals_2, primals_3, view_3, getitem_1, -100, 0.0)
+inductor_lce.lce_fused(view, primals_2, primals_3, view_3, div_tensor, -100, 0.0)
 # none_then_weighted
 inductor_lce.lce_forward(view, primals_2, None, view_3, -100, 0.0)
 inductor_lce.lce_backward(reshape_default, None, None, view, primals_2, None, view_3, getitem_1, -100, 0.0)
 # ce_module
-inductor_lce.lce_forward(view, primals_2, None, view_3, -100, 0.0)
-inductor_lce.lce_backward(reshape_default, None, None, view, primals_2, None, view_3, getitem_1, -100, 0.0)
+inductor_lce.lce_fused(view, primals_2, None, view_3, div_tensor, -100, 0.0)
 # log_softmax_then_nll
-inductor_lce.lce_forward(view, primals_2, None, view_3, -100, 0.0)
-inductor_lce.lce_backward(reshape_default, None, None, view, primals_2, None, view_3, getitem_1, -100, 0.0)
+inductor_lce.lce_fused(view, primals_2, None, view_3, div_tensor, -100, 0.0)
 # multi_token_prediction
-inductor_lce.lce_forward(view, primals_2, None, view_3, -100, 0.0)
-inductor_lce.lce_forward(view_4, primals_2, None, view_7, -100, 0.0)
-inductor_lce.lce_backward(reshape_default_1, None, None, view_4, primals_2, None, view_7, getitem_6, -100, 0.0)
-inductor_lce.lce_backward(reshape_default, None, None, view, primals_2, None, view_3, getitem_1, -100, 0.0)
+inductor_lce.lce_fused(view, primals_2, None, view_3, div_tensor, -100, 0.0)
+inductor_lce.lce_fused(view_4, primals_2, None, view_7, div_tensor_1, -100, 0.0)
 # tied_embeddings
-inductor_lce.lce_forward(view, primals_2, None, view_3, -100, 0.0)
-inductor_lce.lce_backward(reshape_default, None, None, view, primals_2, None, view_3, getitem_1, -100, 0.0)
+inductor_lce.lce_fused(view, primals_2, None, view_3, div_tensor, -100, 0.0)
 # torchtune_chunked
-inductor_lce.lce_forward(view, primals_3, None, view_3, -100, 0.0)
-inductor_lce.lce_forward(view_4, primals_3, None, view_7, -100, 0.0)
-inductor_lce.lce_forward(view_8, primals_3, None, view_11, -100, 0.0)
-inductor_lce.lce_forward(view_12, primals_3, None, view_15, -100, 0.0)
-inductor_lce.lce_backward(reshape_default_3, None, None, view_12, primals_3, None, view_15, getitem_24, -100, 0.0)
-inductor_lce.lce_backward(reshape_default_2, None, None, view_8, primals_3, None, view_11, getitem_19, -100, 0.0)
-inductor_lce.lce_backward(reshape_default_1, None, None, view_4, primals_3, None, view_7, getitem_14, -100, 0.0)
-inductor_lce.lce_backward(reshape_default, None, None, view, primals_3, None, view_3, getitem_9, -100, 0.0)
+inductor_lce.lce_fused(view, primals_3, None, view_3, div_tensor, -100, 0.0)
+inductor_lce.lce_fused(view_4, primals_3, None, view_7, div_tensor_1, -100, 0.0)
+inductor_lce.lce_fused(view_8, primals_3, None, view_11, div_tensor_2, -100, 0.0)
+inductor_lce.lce_fused(view_12, primals_3, None, view_15, div_tensor_3, -100, 0.0)
 # checkpointed_head
-inductor_lce.lce_forward(view, primals_2, None, view_3, -100, 0.0)
-inductor_lce.lce_backward(reshape_default, None, None, view, primals_2, None, view_3, getitem_1, -100, 0.0)
+inductor_lce.lce_fused(view, primals_2, None, view_3, div_tensor, -100, 0.0)
 # grad_accumulation
-inductor_lce.lce_forward(getitem, primals_3, None, getitem_2, -100, 0.0)
-inductor_lce.lce_forward(getitem_1, primals_3, None, getitem_3, -100, 0.0)
-inductor_lce.lce_backward(reshape_default_1, None, None, getitem_1, primals_3, None, getitem_3, getitem_10, -100, 0.0)
-inductor_lce.lce_backward(reshape_default, None, None, getitem, primals_3, None, getitem_2, getitem_5, -100, 0.0)
+inductor_lce.lce_fused(getitem, primals_3, None, getitem_2, div_tensor_1, -100, 0.0)
+inductor_lce.lce_fused(getitem_1, primals_3, None, getitem_3, div_tensor_3, -100, 0.0)
 # label_smoothing
 inductor_lce.lce_forward(view, primals_2, None, view_3, -100, 0.0)
 inductor_lce.lce_backward(reshape_default, neg_default, reshape_default_1, view, primals_2, None, view_3, getitem_1, -100, 0.0)
@@ -95,14 +82,12 @@ inductor_lce.lce_backward(reshape_default, reshape_default_1, None, view, primal
 inductor_lce.lce_forward(view, primals_2, None, view_3, -100, 0.0)
 inductor_lce.lce_backward(reshape_default_1, reshape_default_2, None, view, primals_2, None, view_3, getitem_1, -100, 0.0)
 # softcap_gemma
-inductor_lce.lce_forward(view, primals_2, None, view_3, -100, 3.0)
-inductor_lce.lce_backward(reshape_default, None, None, view, primals_2, None, view_3, getitem_1, -100, 3.0)
+inductor_lce.lce_fused(view, primals_2, None, view_3, div_tensor, -100, 3.0)
 # everything
 inductor_lce.lce_forward(view, primals_3, primals_1, scatter_src, -100, 5.0)
 inductor_lce.lce_backward(scatter_src_1, add_tensor, scatter_src_2, view, primals_3, primals_1, scatter_src, getitem_1, -100, 5.0)
 # nanogpt_no_float (bf16, low_precision_logits=True)
-inductor_lce.lce_forward(view, primals_2, None, view_3, -1, 0.0)
-inductor_lce.lce_backward(convert_element_type_default_1, None, None, view, primals_2, None, view_3, getitem_1, -1, 0.0)""")
+inductor_lce.lce_fused(view, primals_2, None, view_3, convert_element_type_default, -1, 0.0)""")
 
     def test_hf_models(self):
         pytest.importorskip("transformers")
@@ -115,8 +100,6 @@ inductor_lce.lce_backward(convert_element_type_default_1, None, None, view, prim
             blocks.append(f"# {name}\n" + "\n".join(_op_lines(lambda i, l: model(input_ids=i, labels=l).loss, (ids, ids))))
         self.assertExpectedInline("\n".join(blocks), """\
 # llama
-inductor_lce.lce_forward(view_20, primals_14, None, view_23, -100, 0.0)
-inductor_lce.lce_backward(reshape_default, None, None, view_20, primals_14, None, view_23, getitem_6, -100, 0.0)
+inductor_lce.lce_fused(view_20, primals_14, None, view_23, div_tensor, -100, 0.0)
 # gemma2
-inductor_lce.lce_forward(view_25, primals_2, None, view_28, -100, 30.0)
-inductor_lce.lce_backward(reshape_default, None, None, view_25, primals_2, None, view_28, getitem_1, -100, 30.0)""")
+inductor_lce.lce_fused(view_25, primals_2, None, view_28, div_tensor, -100, 30.0)""")

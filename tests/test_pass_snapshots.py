@@ -1,13 +1,17 @@
 """The graphs before and after the pass: the documentation of what is matched.
 
-Joint graphs (training) lose every [N, V] node, forward and backward, and gain
-``lce_forward`` / ``lce_backward``; the user's reduction (sum / count) stays as it was.
+Joint graphs (training) lose every [N, V] node, forward and backward. By default a site whose
+tokens all get the same incoming gradient gains ``lce_fused`` (loss and gradients in the forward,
+scaled by the forward factor ``1 / count``) and a backward that multiplies those gradients by the
+tangent; with ``options(lean=True)`` (and for per-token gradients: label smoothing, z-loss) it gains
+``lce_forward`` / ``lce_backward``. The user's reduction (sum / count) stays as it was.
 Regenerate with ``EXPECTTEST_ACCEPT=1 python -m pytest tests/test_pass_snapshots.py``.
 """
 import torch
 import torch.nn.functional as F
 from expecttest import TestCase
 
+import inductor_lce
 import loss_patterns as P
 from helpers import compile_recorded, rewrites
 from torch._dynamo.utils import counters
@@ -88,6 +92,35 @@ permute_3: float32[11, 4] = aten.permute(permute, [1, 0])
 mm_2: float32[6, 4] = aten.mm(sub_2, permute_3)
 permute_4: float32[11, 4] = aten.permute(permute_2, [1, 0])
 return [div, mm_2, permute_4, None]""")
+        self.assertExpectedInline(after, """\
+primals_1: float32[6, 4] = input
+primals_2: float32[11, 4] = input
+primals_3: int64[6] = input
+tangents_1: float32[] = input
+ne_2: bool[6] = aten.ne.Scalar(primals_3, -100)
+sum_2: int64[] = aten.sum(ne_2)
+convert_element_type: float32[] = prims.convert_element_type(sum_2, float32)
+full_default: float32[] = aten.full([], 1.0, dtype=float32)
+div_tensor: float32[] = aten.div.Tensor(full_default, convert_element_type)
+lce_fused_default: (float32[6], float32[6], float32[6, 4], float32[11, 4], float32[0]) = inductor_lce.lce_fused(primals_1, primals_2, None, primals_3, div_tensor, -100, 0.0)
+getitem: float32[6] = getitem(lce_fused_default, 0)
+getitem_1: float32[6, 4] = getitem(lce_fused_default, 2)
+getitem_2: float32[11, 4] = getitem(lce_fused_default, 3)
+sum_3: float32[] = aten.sum(getitem)
+div: float32[] = aten.div.Tensor(sum_3, convert_element_type)
+mul_tensor: float32[6, 4] = aten.mul.Tensor(getitem_1, tangents_1)
+mul_tensor_1: float32[11, 4] = aten.mul.Tensor(getitem_2, tangents_1)
+permute_2: float32[4, 11] = aten.permute(mul_tensor_1, [1, 0])
+permute_4: float32[11, 4] = aten.permute(permute_2, [1, 0])
+return [div, mul_tensor, permute_4, None]""")
+
+    def test_plain_2d_joint_lean(self):
+        """options(lean=True): the recompute algorithm (lce_forward saves only the lse; lce_backward
+        recomputes the logits), the per-token incoming gradient passed as it is."""
+        h = torch.randn(6, D, requires_grad=True)
+        w = torch.randn(V, D, requires_grad=True)
+        y = torch.randint(0, V, (6,))
+        _, after = _compile_and_run(P.plain_2d, h, w, y, options=inductor_lce.options(lean=True))
         self.assertExpectedInline(after, """\
 primals_1: float32[6, 4] = input
 primals_2: float32[11, 4] = input
@@ -203,28 +236,22 @@ reshape_default_1: int64[4, 1] = aten.reshape(slice_tensor, [-1, 1])
 reshape_default_2: int64[4] = aten.reshape(reshape_default_1, [-1])
 full_default: int64[6] = aten.full([6], -100, dtype=int64)
 scatter_src: int64[6] = aten.scatter.src(full_default, 0, reshape_default_2, view_3)
-lce_forward_default: (float32[6], float32[6], float32[6]) = inductor_lce.lce_forward(view, primals_2, None, scatter_src, -100, 0.0)
-getitem: float32[6] = getitem(lce_forward_default, 0)
-getitem_1: float32[6] = getitem(lce_forward_default, 1)
-index_tensor: float32[4] = aten.index.Tensor(getitem, [reshape_default_2])
 ne_2: bool[4] = aten.ne.Scalar(view_3, -100)
 sum_2: int64[] = aten.sum(ne_2)
 convert_element_type_3: float32[] = prims.convert_element_type(sum_2, float32)
+full_default_1: float32[] = aten.full([], 1.0, dtype=float32)
+div_tensor: float32[] = aten.div.Tensor(full_default_1, convert_element_type_3)
+lce_fused_default: (float32[6], float32[6], bfloat16[6, 4], bfloat16[11, 4], bfloat16[0]) = inductor_lce.lce_fused(view, primals_2, None, scatter_src, div_tensor, -100, 0.0)
+getitem: float32[6] = getitem(lce_fused_default, 0)
+getitem_1: bfloat16[6, 4] = getitem(lce_fused_default, 2)
+getitem_2: bfloat16[11, 4] = getitem(lce_fused_default, 3)
+index_tensor: float32[4] = aten.index.Tensor(getitem, [reshape_default_2])
 sum_3: float32[] = aten.sum(index_tensor)
 div: float32[] = aten.div.Tensor(sum_3, convert_element_type_3)
-div_1: float32[] = aten.div.Tensor(tangents_1, convert_element_type_3)
-unsqueeze_1: int64[4, 1] = aten.unsqueeze(view_3, 1)
-ne_4: bool[4, 1] = aten.ne.Scalar(unsqueeze_1, -100)
-scalar_tensor_3: float32[] = aten.scalar_tensor(0, dtype=float32)
-where_3: float32[4, 1] = aten.where.self(ne_4, div_1, scalar_tensor_3)
-reshape_default_3: float32[4] = aten.reshape(where_3, [-1])
-full_default_1: float32[6] = aten.full([6], 0.0, dtype=float32)
-scatter_src_1: float32[6] = aten.scatter.src(full_default_1, 0, reshape_default_2, reshape_default_3)
-lce_backward_default: (bfloat16[6, 4], bfloat16[11, 4], bfloat16[0]) = inductor_lce.lce_backward(scatter_src_1, None, None, view, primals_2, None, scatter_src, getitem_1, -100, 0.0)
-getitem_3: bfloat16[6, 4] = getitem(lce_backward_default, 0)
-getitem_4: bfloat16[11, 4] = getitem(lce_backward_default, 1)
-permute_2: bfloat16[4, 11] = aten.permute(getitem_4, [1, 0])
-view_6: bfloat16[2, 3, 4] = aten.view(getitem_3, [2, 3, 4])
+mul_tensor: bfloat16[6, 4] = aten.mul.Tensor(getitem_1, tangents_1)
+mul_tensor_1: bfloat16[11, 4] = aten.mul.Tensor(getitem_2, tangents_1)
+permute_2: bfloat16[4, 11] = aten.permute(mul_tensor_1, [1, 0])
+view_6: bfloat16[2, 3, 4] = aten.view(mul_tensor, [2, 3, 4])
 permute_4: bfloat16[11, 4] = aten.permute(permute_2, [1, 0])
 return [div, view_6, permute_4, None]""")
 
@@ -244,20 +271,16 @@ constant_pad_nd: int64[2, 4] = aten.constant_pad_nd(primals_3, [0, 1], -100.0)
 slice_1: int64[2, 3] = aten.slice.Tensor(constant_pad_nd, 1, 1, 9223372036854775807)
 clone: int64[2, 3] = aten.clone(slice_1, memory_format=torch.contiguous_format)
 view_3: int64[6] = aten.view(clone, [-1])
-lce_forward_default: (float32[6], float32[6], float32[6]) = inductor_lce.lce_forward(view, primals_2, None, view_3, -100, 0.0)
-getitem: float32[6] = getitem(lce_forward_default, 0)
-getitem_1: float32[6] = getitem(lce_forward_default, 1)
+full_default: float32[] = aten.full([], 1.0, dtype=float32)
+lce_fused_default: (float32[6], float32[6], float32[6, 4], float32[11, 4], float32[0]) = inductor_lce.lce_fused(view, primals_2, None, view_3, full_default, -100, 0.0)
+getitem: float32[6] = getitem(lce_fused_default, 0)
+getitem_1: float32[6, 4] = getitem(lce_fused_default, 2)
+getitem_2: float32[11, 4] = getitem(lce_fused_default, 3)
 sum_3: float32[] = aten.sum(getitem)
-unsqueeze_1: int64[6, 1] = aten.unsqueeze(view_3, 1)
-ne_4: bool[6, 1] = aten.ne.Scalar(unsqueeze_1, -100)
-scalar_tensor_3: float32[] = aten.scalar_tensor(0, dtype=float32)
-where_3: float32[6, 1] = aten.where.self(ne_4, tangents_1, scalar_tensor_3)
-reshape_default: float32[6] = aten.reshape(where_3, [-1])
-lce_backward_default: (float32[6, 4], float32[11, 4], float32[0]) = inductor_lce.lce_backward(reshape_default, None, None, view, primals_2, None, view_3, getitem_1, -100, 0.0)
-getitem_3: float32[6, 4] = getitem(lce_backward_default, 0)
-getitem_4: float32[11, 4] = getitem(lce_backward_default, 1)
-permute_2: float32[4, 11] = aten.permute(getitem_4, [1, 0])
-view_6: float32[2, 3, 4] = aten.view(getitem_3, [2, 3, 4])
+mul_tensor: float32[6, 4] = aten.mul.Tensor(getitem_1, tangents_1)
+mul_tensor_1: float32[11, 4] = aten.mul.Tensor(getitem_2, tangents_1)
+permute_2: float32[4, 11] = aten.permute(mul_tensor_1, [1, 0])
+view_6: float32[2, 3, 4] = aten.view(mul_tensor, [2, 3, 4])
 permute_4: float32[11, 4] = aten.permute(permute_2, [1, 0])
 return [sum_3, view_6, permute_4, None]""")
 
@@ -665,26 +688,22 @@ primals_1: bfloat16[6, 4] = input
 primals_2: bfloat16[11, 4] = input
 primals_3: int64[6] = input
 tangents_1: float32[] = input
-lce_forward_default: (float32[6], float32[6], float32[6]) = inductor_lce.lce_forward(primals_1, primals_2, None, primals_3, -100, 30.0)
-getitem: float32[6] = getitem(lce_forward_default, 0)
-getitem_1: float32[6] = getitem(lce_forward_default, 1)
 ne_2: bool[6] = aten.ne.Scalar(primals_3, -100)
 sum_2: int64[] = aten.sum(ne_2)
 convert_element_type_3: float32[] = prims.convert_element_type(sum_2, float32)
+full_default: float32[] = aten.full([], 1.0, dtype=float32)
+div_tensor: float32[] = aten.div.Tensor(full_default, convert_element_type_3)
+lce_fused_default: (float32[6], float32[6], bfloat16[6, 4], bfloat16[11, 4], bfloat16[0]) = inductor_lce.lce_fused(primals_1, primals_2, None, primals_3, div_tensor, -100, 30.0)
+getitem: float32[6] = getitem(lce_fused_default, 0)
+getitem_1: bfloat16[6, 4] = getitem(lce_fused_default, 2)
+getitem_2: bfloat16[11, 4] = getitem(lce_fused_default, 3)
 sum_3: float32[] = aten.sum(getitem)
 div_1: float32[] = aten.div.Tensor(sum_3, convert_element_type_3)
-div_2: float32[] = aten.div.Tensor(tangents_1, convert_element_type_3)
-unsqueeze_1: int64[6, 1] = aten.unsqueeze(primals_3, 1)
-ne_4: bool[6, 1] = aten.ne.Scalar(unsqueeze_1, -100)
-scalar_tensor_3: float32[] = aten.scalar_tensor(0, dtype=float32)
-where_3: float32[6, 1] = aten.where.self(ne_4, div_2, scalar_tensor_3)
-reshape_default: float32[6] = aten.reshape(where_3, [-1])
-lce_backward_default: (bfloat16[6, 4], bfloat16[11, 4], bfloat16[0]) = inductor_lce.lce_backward(reshape_default, None, None, primals_1, primals_2, None, primals_3, getitem_1, -100, 30.0)
-getitem_3: bfloat16[6, 4] = getitem(lce_backward_default, 0)
-getitem_4: bfloat16[11, 4] = getitem(lce_backward_default, 1)
-permute_2: bfloat16[4, 11] = aten.permute(getitem_4, [1, 0])
+mul_tensor: bfloat16[6, 4] = aten.mul.Tensor(getitem_1, tangents_1)
+mul_tensor_1: bfloat16[11, 4] = aten.mul.Tensor(getitem_2, tangents_1)
+permute_2: bfloat16[4, 11] = aten.permute(mul_tensor_1, [1, 0])
 permute_4: bfloat16[11, 4] = aten.permute(permute_2, [1, 0])
-return [div_1, getitem_3, permute_4, None]""")
+return [div_1, mul_tensor, permute_4, None]""")
 
     def test_nanogpt_bf16_without_float_opt_in_joint(self):
         # the log-probs are cast back to bf16 (convert_element_type_3) before the nll: only with the opt-in
@@ -754,25 +773,21 @@ primals_1: bfloat16[6, 4] = input
 primals_2: bfloat16[11, 4] = input
 primals_3: int64[6] = input
 tangents_1: bfloat16[] = input
-lce_forward_default: (float32[6], float32[6], float32[6]) = inductor_lce.lce_forward(primals_1, primals_2, None, primals_3, -1, 0.0)
-getitem: float32[6] = getitem(lce_forward_default, 0)
-getitem_1: float32[6] = getitem(lce_forward_default, 1)
-convert_element_type_default: bfloat16[6] = prims.convert_element_type(getitem, bfloat16)
 ne_2: bool[6] = aten.ne.Scalar(primals_3, -1)
 sum_2: int64[] = aten.sum(ne_2)
 convert_element_type_4: bfloat16[] = prims.convert_element_type(sum_2, bfloat16)
-sum_3: bfloat16[] = aten.sum(convert_element_type_default)
+full_default: bfloat16[] = aten.full([], 1.0, dtype=bfloat16)
+div_tensor: bfloat16[] = aten.div.Tensor(full_default, convert_element_type_4)
+convert_element_type_default: float32[] = prims.convert_element_type(div_tensor, float32)
+lce_fused_default: (float32[6], float32[6], bfloat16[6, 4], bfloat16[11, 4], bfloat16[0]) = inductor_lce.lce_fused(primals_1, primals_2, None, primals_3, convert_element_type_default, -1, 0.0)
+getitem: float32[6] = getitem(lce_fused_default, 0)
+getitem_1: bfloat16[6, 4] = getitem(lce_fused_default, 2)
+getitem_2: bfloat16[11, 4] = getitem(lce_fused_default, 3)
+convert_element_type_default_1: bfloat16[6] = prims.convert_element_type(getitem, bfloat16)
+sum_3: bfloat16[] = aten.sum(convert_element_type_default_1)
 div: bfloat16[] = aten.div.Tensor(sum_3, convert_element_type_4)
-div_1: bfloat16[] = aten.div.Tensor(tangents_1, convert_element_type_4)
-unsqueeze_1: int64[6, 1] = aten.unsqueeze(primals_3, 1)
-ne_4: bool[6, 1] = aten.ne.Scalar(unsqueeze_1, -1)
-scalar_tensor_3: bfloat16[] = aten.scalar_tensor(0, dtype=bfloat16)
-where_3: bfloat16[6, 1] = aten.where.self(ne_4, div_1, scalar_tensor_3)
-reshape_default: bfloat16[6] = aten.reshape(where_3, [-1])
-convert_element_type_default_1: float32[6] = prims.convert_element_type(reshape_default, float32)
-lce_backward_default: (bfloat16[6, 4], bfloat16[11, 4], bfloat16[0]) = inductor_lce.lce_backward(convert_element_type_default_1, None, None, primals_1, primals_2, None, primals_3, getitem_1, -1, 0.0)
-getitem_3: bfloat16[6, 4] = getitem(lce_backward_default, 0)
-getitem_4: bfloat16[11, 4] = getitem(lce_backward_default, 1)
-permute_2: bfloat16[4, 11] = aten.permute(getitem_4, [1, 0])
+mul_tensor: bfloat16[6, 4] = aten.mul.Tensor(getitem_1, tangents_1)
+mul_tensor_1: bfloat16[11, 4] = aten.mul.Tensor(getitem_2, tangents_1)
+permute_2: bfloat16[4, 11] = aten.permute(mul_tensor_1, [1, 0])
 permute_4: bfloat16[11, 4] = aten.permute(permute_2, [1, 0])
-return [div, getitem_3, permute_4, None]""")
+return [div, mul_tensor, permute_4, None]""")

@@ -1,20 +1,23 @@
 """Per-device lowerings of the ``inductor_lce`` ops.
 
-CUDA (when Triton imports): two ``torch.library.triton_op``s with exactly the schemas and semantics of
-``inductor_lce::lce_forward`` / ``inductor_lce::lce_backward``:
+CUDA (when Triton imports): three ``torch.library.triton_op``s with exactly the schemas and semantics of
+``inductor_lce::lce_forward`` / ``inductor_lce::lce_backward`` / ``inductor_lce::lce_fused``:
 
     inductor_lce::lce_forward_triton(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, int ignore_index,
         float softcap=0.0) -> (Tensor loss, Tensor lse, Tensor sum_logits)
     inductor_lce::lce_backward_triton(Tensor grad_loss, Tensor? grad_lse, Tensor? grad_sum_logits, Tensor hidden,
         Tensor weight, Tensor? bias, Tensor target, Tensor lse, int ignore_index, float softcap=0.0)
         -> (Tensor, Tensor, Tensor)
+    inductor_lce::lce_fused_triton(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor grad_scale,
+        int ignore_index, float softcap=0.0) -> (Tensor loss, Tensor lse, Tensor grad_hidden, Tensor grad_weight,
+        Tensor grad_bias)
 
 (``softcap > 0``: Gemma 2's logit soft-cap, s = softcap * tanh(logits / softcap); a compile-time flag of the
 kernels, so ``softcap=0`` runs the plain kernels.)
 
-``ops_for(device_type)`` tells the graph pass which pair to emit. Importing this package also makes the
-Triton implementation the CUDA kernel of the eager ops, so ``inductor_lce.linear_cross_entropy`` on CUDA
-tensors is fast without ``torch.compile``.
+``ops_for(device_type)`` tells the graph pass which pair to emit, ``fused_op_for(device_type)`` which fused op.
+Importing this package also makes the Triton implementation the CUDA kernel of the eager ops, so
+``inductor_lce.linear_cross_entropy`` on CUDA tensors is fast without ``torch.compile``.
 
 How Inductor runs the Triton ops depends on where they enter the graph:
 * present while AOTAutograd traces (a user calling ``lce_forward_triton`` under ``torch.compile``): the
@@ -46,7 +49,7 @@ try:
     import triton  # noqa: F401
 
     from . import lce_triton as _impl
-    from .lce_triton import SETTINGS, Settings, lce_backward_impl, lce_forward_impl
+    from .lce_triton import SETTINGS, Settings, lce_backward_impl, lce_forward_impl, lce_fused_impl
 
     AVAILABLE = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
     if not AVAILABLE:
@@ -89,6 +92,13 @@ if AVAILABLE:
         return lce_backward_impl(grad_loss, grad_lse, grad_sum_logits, hidden, weight, bias, target, lse,
                                  ignore_index, softcap)
 
+    @torch.library.triton_op("inductor_lce::lce_fused_triton", mutates_args=())
+    def lce_fused_triton(
+        hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, grad_scale: Tensor,
+        ignore_index: int, softcap: float = 0.0,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return lce_fused_impl(hidden, weight, bias, target, grad_scale, ignore_index, softcap)
+
     _ops.register_lce_autograd(lce_forward_triton, lce_backward_triton)
 
     # The eager ops' CUDA kernels: the same implementation, launched directly.
@@ -104,6 +114,11 @@ if AVAILABLE:
             return lce_backward_impl(grad_loss, grad_lse, grad_sum_logits, hidden, weight, bias, target, lse,
                                      ignore_index, softcap)
 
+    @_ops.lce_fused.register_kernel("cuda")
+    def _lce_fused_cuda(hidden, weight, bias, target, grad_scale, ignore_index, softcap=0.0):
+        with _plain_launches():
+            return lce_fused_impl(hidden, weight, bias, target, grad_scale, ignore_index, softcap)
+
 
 def ops_for(device_type: str):
     """(forward, backward) OpOverloads the graph pass should emit for tensors on ``device_type``.
@@ -116,6 +131,15 @@ def ops_for(device_type: str):
     return torch.ops.inductor_lce.lce_forward.default, torch.ops.inductor_lce.lce_backward.default
 
 
-__all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "ops_for"] + (
-    ["SETTINGS", "Settings", "lce_forward_triton", "lce_backward_triton"] if AVAILABLE else []
+def fused_op_for(device_type: str):
+    """The OpOverload of the fused (three-GEMM) op the graph pass should emit for tensors on ``device_type``:
+    "cuda" with a working Triton: ``inductor_lce::lce_fused_triton``; anything else: ``inductor_lce::lce_fused``
+    (chunked PyTorch reference). Same schema and semantics."""
+    if device_type == "cuda" and AVAILABLE:
+        return torch.ops.inductor_lce.lce_fused_triton.default
+    return torch.ops.inductor_lce.lce_fused.default
+
+
+__all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "ops_for", "fused_op_for"] + (
+    ["SETTINGS", "Settings", "lce_forward_triton", "lce_backward_triton", "lce_fused_triton"] if AVAILABLE else []
 )

@@ -17,14 +17,18 @@ from triton.compiler import ASTSource
 
 _PTR_TYPES = {"target_ptr": "*i64", "max2_ptr": "*fp32", "sumexp_ptr": "*fp32", "target_logit_ptr": "*fp32",
               "lse_ptr": "*fp32", "grad_loss_ptr": "*fp32", "grad_lse_ptr": "*fp32", "grad_bias_ptr": "*fp32",
-              "sum_ptr": "*fp32", "grad_sum_ptr": "*fp32"}
+              "sum_ptr": "*fp32", "grad_sum_ptr": "*fp32", "loss_ptr": "*fp32", "grad_scale_ptr": "*fp32"}
 _SCALAR_TYPES = {"softcap": "fp32"}  # other scalars are i32
 
 
 def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, ptr_types: dict | None = None,
-                 dtype: str = "bf16"):
-    """Compile a @triton.jit function for sm_90; returns the CompiledKernel."""
+                 dtype: str = "bf16", scalar_types: dict | None = None):
+    """Compile a @triton.jit function for sm_90; returns the CompiledKernel. ``scalar_types`` overrides the types
+    of scalar arguments (e.g. ``{"softcap": "fp64"}``: what Inductor passes for a Python float)."""
     types = dict(_PTR_TYPES, **(ptr_types or {}))
+    scalars = dict(_SCALAR_TYPES, **(scalar_types or {}))
+    # constexpr parameters left out take their defaults, as a launch would
+    constexprs = dict({p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs)
     sig = {}
     for a in fn.arg_names:
         if a in constexprs:
@@ -32,9 +36,9 @@ def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, ptr_type
         elif a.endswith("_ptr"):
             sig[a] = types.get(a, "*" + dtype)
         else:
-            sig[a] = _SCALAR_TYPES.get(a, "i32")
+            sig[a] = scalars.get(a, "i32")
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-             if sig[a] not in ("constexpr", "fp32") and a != "ignore_index"}
+             if sig[a] not in ("constexpr", "fp32", "fp64") and a != "ignore_index"}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))

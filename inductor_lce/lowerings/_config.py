@@ -57,42 +57,63 @@ LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr global: readable inside 
 LN2 = 0.6931471805599453
 
 
+# matmul_accumulate's wide tiles: the running state loaded after the K loop, folded in two column halves
+_WIDE = dict(PREFETCH=False, EPILOGUE_SPLIT=2)
+
+
 def _cfg(bm, bn, bk, warps, stages, **extra):
     kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **extra)
     return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
 def _from_env(name):
-    """``INDUCTOR_LCE_<NAME>_CONFIG=bm,bn,bk,warps,stages``: pin one config (sweeps, debugging)."""
+    """``INDUCTOR_LCE_<NAME>_CONFIG=bm,bn,bk,warps,stages[,prefetch,epilogue_split]``: pin one config (sweeps,
+    debugging; the last two are matmul_accumulate's PREFETCH and EPILOGUE_SPLIT)."""
     spec = os.environ.get(f"INDUCTOR_LCE_{name.upper()}_CONFIG")
     if not spec:
         return None
-    bm, bn, bk, w, s = (int(x) for x in spec.split(","))
-    return [_cfg(bm, bn, bk, w, s)]
+    values = [int(x) for x in spec.split(",")]
+    extra = dict(PREFETCH=bool(values[5]), EPILOGUE_SPLIT=values[6]) if len(values) > 5 else {}
+    return [_cfg(*values[:5], **extra)]
 
 
 def configs(kernel: str) -> list:
-    """Autotuning configs for one of 'lse_forward', 'grad_logits', 'grad_hidden'."""
+    """Autotuning configs for one of 'lse_forward', 'grad_logits', 'grad_hidden', 'grad_weight' (the last two:
+    the matmul_accumulate kernel as the recompute backward's grad_hidden and as the fused op's grad_weight)."""
     pinned = _from_env(kernel)
     if pinned:
         return pinned
     if INTERPRET:  # BLOCK_N 64 > the interpreted slab/split grain (32): partial tiles inside slabs get tested
-        return [_cfg(16, 64, 16, 1, 1)]
-    # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_M tiles tokens.
+        # (grad_weight: the wide-tile variant, so both epilogues of matmul_accumulate run)
+        return [_cfg(16, 64, 16, 1, 1, **(_WIDE if kernel == "grad_weight" else {}))]
+    # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, extra constexprs]); BLOCK_M tiles tokens (grad_weight:
+    # classes).
     table = {
         # best in the run-2 sweep: 128x256x64 (3 stages at shapes 1 and 3, 4 stages at shape 2)
         "lse_forward": [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3)],
         # (only with Settings.grad_logits="fused"; cuBLAS + the in-place kernel was faster, NOTES.md)
         "grad_logits": [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3)],
-        # 128x256 / 256x128 tiles spill in the compensated epilogue (bench --compile-report)
+        # 128x256 / 256x128 tiles spill with the state prefetched beside the accumulator (bench --compile-report)
         "grad_hidden": [(128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 128, 64, 8, 3)],
+        # the fused op's grad_weight: M = V (up to 256k), N = D (2-4k), K = chunk rows (1-6k), A = the grad_logits
+        # chunk transposed (M-major). 0 spills in both modes (offline sm_90 build, tests/test_kernels.py): the wide
+        # tiles as _WIDE (no prefetch, split epilogue), the 128x128 ones prefetching the state
+        "grad_weight": [(128, 256, 64, 8, 3, _WIDE), (128, 256, 64, 8, 4, _WIDE), (256, 128, 64, 8, 3, _WIDE),
+                        (128, 128, 64, 8, 4), (128, 128, 128, 8, 3)],
     }[kernel]
-    return [_cfg(*t) for t in table]
+    return [_cfg(*t[:5], **(t[5] if len(t) > 5 else {})) for t in table]
 
 
 # Elementwise / row kernels (cuBLAS-logits variants): (BLOCK_M, BLOCK_N) and warps.
-def row_configs() -> list:
-    if INTERPRET:
-        return [triton.Config(dict(BLOCK_M=8, BLOCK_N=64), num_warps=1)]
-    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w)
-            for bm, bn, w in ((16, 512, 4), (32, 256, 4), (8, 1024, 4), (64, 128, 8))]
+def row_configs(kernel: str = "slab") -> list:
+    """'slab': lse_update / grad_logits_inplace over [N, slab] slabs; 'softmax_grad_rows': whole rows of V (two
+    passes per row, so few rows and wide blocks per program)."""
+    if INTERPRET:  # BLOCK_N 32 < the interpreted V: full blocks and a masked tail both run
+        return [triton.Config(dict(BLOCK_M=2 if kernel == "softmax_grad_rows" else 8,
+                                   BLOCK_N=32 if kernel == "softmax_grad_rows" else 64), num_warps=1)]
+    table = {
+        "slab": ((16, 512, 4), (32, 256, 4), (8, 1024, 4), (64, 128, 8)),
+        # 0 spills, 16-byte accesses on the full blocks (offline sm_90 build); (2, 4096, 8) spilled with soft-cap
+        "softmax_grad_rows": ((1, 2048, 4), (1, 4096, 8), (1, 8192, 8), (4, 2048, 8)),
+    }[kernel]
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w) for bm, bn, w in table]

@@ -9,19 +9,21 @@
                         v = v_begin + j
     grad_bias[v]     += sum_n grad_logits[n, j]    # of the rounded grad_logits; fp32 atomics (HAS_BIAS)
 
-grad_lse / grad_sum are not masked on ignored tokens (only g is); without HAS_SOFTCAP ``softcap`` is unused.
+grad_lse / grad_sum are not masked on ignored tokens (only g is); without HAS_SOFTCAP ``softcap`` is unused (with
+it, it is made fp32 first: Inductor may pass it as fp64). The per-element steps are the ``_softmax`` helpers.
 grad_logits: [N, slab] in the input dtype, row stride ``stride_out``; it feeds the two cuBLAS/Triton
 matmuls of the slab (grad_weight[slab] = grad_logits.T @ hidden, grad_hidden += grad_logits @ weight[slab]).
-Grid: one program per [BLOCK_M, BLOCK_N] tile, grouped GROUP_M row blocks at a time for L2 reuse.
+Grid: one program per [BLOCK_M, BLOCK_N] tile, grouped GROUP_M row blocks at a time for L2 reuse (``_grid``).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ._config import LOG2E, configs
+from ._config import configs
+from ._grid import grouped_tile
 from ._rounding import round_to
-from ._tanh import tanh_f32
+from ._softmax import grad_logits_out, row_grad_weights, scores, softmax_grad
 
 
 @triton.jit
@@ -36,14 +38,9 @@ def grad_logits_kernel_jit(
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(N, BLOCK_M)
-    num_pid_n = tl.cdiv(slab, BLOCK_N)
-    per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    if HAS_SOFTCAP:
+        softcap = tl.cast(softcap, tl.float32)  # Inductor passes a Python float as fp64: keep every tile fp32
+    pid_m, pid_n = grouped_tile(N, slab, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                       # [BLOCK_M] tokens
     row_ok = rows < N
@@ -72,23 +69,13 @@ def grad_logits_kernel_jit(
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     z = round_to(acc, hidden_ptr.dtype.element_ty, DOT_FP32).to(tl.float32)  # logits in the input dtype
 
-    target = tl.load(target_ptr + rows_safe)
-    lse = tl.load(lse_ptr + rows_safe)
-    g = tl.where(target != ignore_index, tl.load(grad_loss_ptr + rows_safe), 0.0)
-    g_total = g
-    if HAS_GRAD_LSE:
-        g_total += tl.load(grad_lse_ptr + rows_safe)
-    s = z
-    if HAS_SOFTCAP:
-        th = tanh_f32(z * (1.0 / softcap))                               # tanh(z / c) = s / c
-        s = softcap * th
-    prob = tl.exp2(s * LOG2E - (lse * LOG2E)[:, None])
-    grad = prob * g_total[:, None] - tl.where(cols[None, :] == target[:, None], g[:, None], 0.0)
+    target, lse, g, g_total = row_grad_weights(target_ptr, lse_ptr, grad_loss_ptr, grad_lse_ptr, rows_safe,
+                                               ignore_index, HAS_GRAD_LSE)
+    s, th = scores(z, softcap, HAS_SOFTCAP)
+    grad = softmax_grad(s, lse, g_total, g, cols[None, :] == target[:, None])
     if HAS_GRAD_SUM:
         grad += tl.load(grad_sum_ptr + rows_safe)[:, None]
-    if HAS_SOFTCAP:
-        grad = grad * (1.0 - th * th)                                    # d(c tanh(z / c)) / dz
-    grad = round_to(grad, grad_logits_ptr.dtype.element_ty, DOT_FP32)
+    grad = grad_logits_out(grad, th, grad_logits_ptr.dtype.element_ty, HAS_SOFTCAP, DOT_FP32)
     out = grad_logits_ptr + rows_safe.to(tl.int64)[:, None] * stride_out + j[None, :]
     tl.store(out, grad, mask=row_ok[:, None] & col_ok[None, :])
     if HAS_BIAS:

@@ -11,16 +11,17 @@ For a slab of classes v = v_begin + j whose logits [N, slab] came from cuBLAS (i
     grad_bias[v]     += sum_n grad_logits[n, j]        # of the rounded grad_logits; fp32 atomics (HAS_BIAS)
 
 grad_lse / grad_sum are not masked on ignored tokens (only g is). Without HAS_SOFTCAP the ``softcap``
-argument is unused. Grid: (cdiv(N, BLOCK_M), cdiv(slab, BLOCK_N)).
+argument is unused (with it, it is made fp32 first: Inductor may pass it as fp64). The per-element steps are the
+``_softmax`` helpers, shared with grad_logits.py and softmax_grad_rows.py.
+Grid: (cdiv(N, BLOCK_M), cdiv(slab, BLOCK_N)).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ._config import LOG2E, row_configs
-from ._rounding import round_to
-from ._tanh import tanh_f32
+from ._config import row_configs
+from ._softmax import grad_logits_out, row_grad_weights, scores, softmax_grad
 
 
 @triton.jit
@@ -32,6 +33,8 @@ def grad_logits_inplace_kernel_jit(
     HAS_BIAS: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, HAS_GRAD_SUM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     EMULATE_ROUNDING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    if HAS_SOFTCAP:
+        softcap = tl.cast(softcap, tl.float32)  # Inductor passes a Python float as fp64: keep every tile fp32
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     rows_safe = tl.where(row_ok, rows, 0)
@@ -40,23 +43,13 @@ def grad_logits_inplace_kernel_jit(
     mask = row_ok[:, None] & col_ok[None, :]
     ptrs = logits_ptr + rows_safe.to(tl.int64)[:, None] * stride_logits + j[None, :]
     z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    target = tl.load(target_ptr + rows_safe)
-    lse = tl.load(lse_ptr + rows_safe)
-    g = tl.where(target != ignore_index, tl.load(grad_loss_ptr + rows_safe), 0.0)
-    g_total = g
-    if HAS_GRAD_LSE:
-        g_total += tl.load(grad_lse_ptr + rows_safe)
-    s = z
-    if HAS_SOFTCAP:
-        th = tanh_f32(z * (1.0 / softcap))                           # tanh(z / c) = s / c
-        s = softcap * th
-    prob = tl.exp2(s * LOG2E - (lse * LOG2E)[:, None])
-    grad = prob * g_total[:, None] - tl.where((v_begin + j)[None, :] == target[:, None], g[:, None], 0.0)
+    target, lse, g, g_total = row_grad_weights(target_ptr, lse_ptr, grad_loss_ptr, grad_lse_ptr, rows_safe,
+                                               ignore_index, HAS_GRAD_LSE)
+    s, th = scores(z, softcap, HAS_SOFTCAP)
+    grad = softmax_grad(s, lse, g_total, g, (v_begin + j)[None, :] == target[:, None])
     if HAS_GRAD_SUM:
         grad += tl.load(grad_sum_ptr + rows_safe)[:, None]
-    if HAS_SOFTCAP:
-        grad = grad * (1.0 - th * th)                                # d(c tanh(z / c)) / dz
-    grad = round_to(grad, logits_ptr.dtype.element_ty, EMULATE_ROUNDING)
+    grad = grad_logits_out(grad, th, logits_ptr.dtype.element_ty, HAS_SOFTCAP, EMULATE_ROUNDING)
     tl.store(ptrs, grad, mask=mask)
     if HAS_BIAS:
         col_sum = tl.sum(tl.where(mask, grad.to(tl.float32), 0.0), axis=0)

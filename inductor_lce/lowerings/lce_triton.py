@@ -1,4 +1,4 @@
-"""Host side of the Triton lowering: the slab loops, the workspace plan and the two ops' implementations.
+"""Host side of the Triton lowering: the slab / chunk loops, the workspace plans and the three ops' implementations.
 
 Forward (one launch):   lse_forward kernel over [N, V] in V-splits -> (max2, sumexp, sum) partials [SPLITS, N]
                         and target_logit [N]; torch combines them into lse [N], loss [N] and sum_logits [N].
@@ -18,7 +18,19 @@ Workspace (bytes beyond the outputs), ``Settings.workspace_bytes`` (default 60 M
     grad_hidden state (N*D*4 fp32 or N*D*1 int8 compensation) + slab * N * itemsize (+ slab * D * itemsize
     when traced: Inductor turns the ``out=`` grad_weight matmul into mm + copy through a temporary)
 
-Both functions run on real tensors (eager, via the ops' backend) and on fake tensors (tracing); under
+Fused op (``lce_fused``, three GEMMs; every scored token has the same incoming gradient ``grad_scale``), per
+chunk of ``chunk_rows`` tokens (whole rows of V), in order:
+    logits            = F.linear(hidden[rows], weight, bias) by cuBLAS                        # [c, V] dtype
+    loss, lse[rows]   and grad_logits in place: the softmax_grad_rows kernel (two passes per row)
+    grad_hidden[rows] = grad_logits @ weight            # cuBLAS, K = V, into the output: exact
+    grad_weight      += grad_logits.T @ hidden[rows]    # exact over chunks: see plan_fused
+    grad_bias        += grad_logits.sum(0)              # fp32 (with bias)
+Workspace, ``Settings.fused_workspace_bytes`` (default max(64 MiB, 0.4 * N * V * itemsize), i.e. at most ~40% of
+the one low-precision [N, V] logits tensor plain torch.compile keeps): one chunk of logits + the grad_weight state
+(none, fp32 [V, D] or int8 [V, D]); when even the smallest state and chunk do not fit, the op runs the recompute
+algorithm instead (lce_forward + lce_backward with grad_loss = grad_scale: same results, four GEMMs, lean memory).
+
+All functions run on real tensors (eager, via the ops' backend) and on fake tensors (tracing); under
 tracing, ``wrap_triton`` turns each launch into a node Inductor compiles and launches itself.
 """
 from __future__ import annotations
@@ -35,17 +47,20 @@ from torch.library import wrap_triton
 import triton
 
 from ._config import DOT_FP32, INTERPRET, LN2
-from .grad_hidden import grad_hidden_kernel
 from .grad_logits import grad_logits_kernel
 from .grad_logits_inplace import grad_logits_inplace_kernel
 from .lse_forward import lse_forward_kernel
 from .lse_update import lse_update_kernel
+from .matmul_accumulate import matmul_accumulate_kernels
+from .softmax_grad_rows import softmax_grad_rows_kernel
 
-__all__ = ["Settings", "SETTINGS", "lce_forward_impl", "lce_backward_impl", "plan_backward", "forward_splits"]
+__all__ = ["Settings", "SETTINGS", "lce_forward_impl", "lce_backward_impl", "lce_fused_impl", "plan_backward",
+           "plan_fused", "FusedPlan", "forward_splits"]
 
 
-def _env_mb(name: str, default: float) -> int:
-    return int(float(os.environ.get(name, default)) * 2**20)
+def _env_mb(name: str, default: Optional[float]) -> Optional[int]:
+    value = os.environ.get(name, default)
+    return None if value is None else int(float(value) * 2**20)
 
 
 @dataclass
@@ -61,6 +76,13 @@ class Settings:
     # bf16 accumulation of grad_weight per group (measured +15-25% grad_weight error: off by default)
     row_groups: int = int(os.environ.get("INDUCTOR_LCE_ROW_GROUPS", "1"))
     check_targets: bool = os.environ.get("INDUCTOR_LCE_CHECK_TARGETS", "1") == "1"
+    # fused op: bytes beyond the outputs for one logits chunk + the grad_weight state (see plan_fused);
+    # None: max(64 MiB, 0.4 * N * V * itemsize) per call
+    fused_workspace_bytes: Optional[int] = _env_mb("INDUCTOR_LCE_FUSED_WORKSPACE_MB", None)
+    fused_state: str = os.environ.get("INDUCTOR_LCE_FUSED_STATE", "auto")             # auto | fp32 | compensated
+    # fp32 grad_weight accumulation (fp32 state, fp32 weights) on CUDA: cuBLAS (aten::addmm.dtype_out, where this
+    # torch has it and it works) or the Triton matmul_accumulate kernel
+    fused_fp32_gemm: str = os.environ.get("INDUCTOR_LCE_FUSED_FP32_GEMM", "cublas")   # cublas | triton
 
 
 SETTINGS = Settings()
@@ -112,6 +134,10 @@ def _max_block_k(kernel) -> int:
 
 def _max_block_n(kernel) -> int:
     return max(int(c.kwargs.get("BLOCK_N", 1)) for c in kernel.configs)
+
+
+def _max_block_m(kernel) -> int:
+    return max(int(c.kwargs.get("BLOCK_M", 1)) for c in kernel.configs)
 
 
 def _check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -309,20 +335,64 @@ def lce_backward_impl(grad_loss: Tensor, grad_lse: Optional[Tensor], grad_sum_lo
             else:
                 grad_weight[v0:v1].addmm_(grad_logits.t(), h_g)
 
-            def grid_h(meta):
-                return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(dim, meta["BLOCK_N"]),)
-
-            wrap_triton(grad_hidden_kernel)[grid_h](
-                grad_logits, weight[v0:v1], state_g, state_g, gh_g,
-                n_rows, dim, v1 - v0, _bucket(n_rows), grad_logits.stride(0), weight.stride(0), dim, dim,
-                MODE=mode, FIRST=i == 0, LAST=i == len(starts) - 1,
-                EVEN_K=(v1 - v0) % _max_block_k(grad_hidden_kernel) == 0,
-                EVEN_D=dim % _max_block_n(grad_hidden_kernel) == 0,
-                DOT_FP32=DOT_FP32, DOT_PRECISION=_dot_precision(hidden.dtype), GROUP_M=_GROUP_M,
-            )
+            # grad_hidden += grad_logits @ weight[slab], through the fp32 or compensated state
+            _matmul_accumulate("grad_hidden", grad_logits, weight[v0:v1], gh_g, state_g, mode=mode, first=i == 0,
+                               last=i == len(starts) - 1, m_key=_bucket(n_rows), k_key=_bucket(plan.slab),
+                               traced=_is_traced(hidden))
             del grad_logits  # before the next slab is allocated: one slab alive at a time
     grad_bias = weight.new_empty((0,)) if bias is None else grad_bias_acc.to(bias.dtype)
     return grad_hidden, grad_weight, grad_bias
+
+
+# Keys (kernel, its autotuning key and argument dtypes) some launch has run with already: Triton has tuned them.
+_TUNED: set = set()
+
+
+def _tuning_split(key: tuple, rows: int, head: int, traced: bool) -> list:
+    """Row spans to launch a kernel over. Autotuning a kernel that overwrites its inputs saves and restores them
+    around every trial, so the first launch of a ``key`` (eager) runs on its first ``head`` rows alone: those are
+    all that get copied. Later launches (tuned) and traced ones (Inductor tunes them itself): one span."""
+    if traced or key in _TUNED:
+        return [(0, rows)]
+    _TUNED.add(key)
+    head = max(1, min(head, rows))
+    return [(0, head)] + ([(head, rows)] if head < rows else [])
+
+
+def _matmul_accumulate(use: str, a: Tensor, b: Tensor, out: Tensor, state: Tensor, *, mode: int, first: bool,
+                       last: bool, m_key: int, k_key: int, a_padded: bool = False, traced: bool = False) -> None:
+    """out (+)= a @ b through the running ``state`` (matmul_accumulate.py): a [M, K], b [K, N], any strides;
+    state: fp32 [M, N] (MODE_FP32; may be out itself) or int8 [M, N] with out's strides (MODE_COMPENSATED).
+    ``use`` picks the config table; m_key / k_key are the autotuning keys, the same for every launch of a loop.
+    ``a_padded``: a's storage holds rows up to a multiple of the largest BLOCK_M (unmasked loads).
+    A FIRST launch reads no state: its tuner saves nothing (replays write the same values). The others do: the
+    first of them per key runs on its first rows alone (about two waves of the largest tile), see _tuning_split."""
+    first_kernel, later_kernel = matmul_accumulate_kernels[use]
+    kernel = first_kernel if first else later_kernel
+    M, K = a.shape
+    N = b.shape[1]
+    spans = [(0, M)]
+    if not first:
+        grain = _max_block_m(kernel)
+        tile = max(int(c.kwargs["BLOCK_M"]) * int(c.kwargs["BLOCK_N"]) for c in kernel.configs)
+        head = _cdiv(2 * _num_sms(str(a.device)) * tile, max(1, N))
+        head = M // 2 if INTERPRET else head   # (interpreted: small problems, still run the split launch)
+        head = max(grain, _cdiv(head, grain) * grain)
+        key = ("matmul_accumulate", use, N, m_key, k_key, a.dtype, b.dtype, state.dtype, out.dtype)
+        spans = _tuning_split(key, M, head, traced)
+    for m0, m1 in spans:
+        a_s, out_s, state_s = (t if len(spans) == 1 else t[m0:m1] for t in (a, out, state))
+
+        def grid(meta, rows=m1 - m0):
+            return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+        wrap_triton(kernel)[grid](
+            a_s, b, state_s, state_s, out_s, m1 - m0, N, K, m_key, k_key, a.stride(0), a.stride(1), b.stride(0),
+            b.stride(1), state.stride(0), out.stride(0), MODE=mode, FIRST=first, LAST=last,
+            EVEN_M=a_padded or (m1 - m0) % _max_block_m(kernel) == 0, EVEN_N=N % _max_block_n(kernel) == 0,
+            EVEN_K=K % _max_block_k(kernel) == 0, DOT_FP32=DOT_FP32, DOT_PRECISION=_dot_precision(b.dtype),
+            GROUP_M=_GROUP_M,
+        )
 
 
 def _grad_logits_slab(hidden, weight, bias, target, lse, grad_loss, grad_lse, grad_sum_logits, grad_bias_acc,
@@ -359,3 +429,229 @@ def _grad_logits_slab(hidden, weight, bias, target, lse, grad_loss, grad_lse, gr
         DOT_PRECISION=_dot_precision(hidden.dtype), GROUP_M=_GROUP_M,
     )
     return grad_logits
+
+
+# ------------------------------------------------------------------------------------------------- fused
+
+# FusedPlan.state_mode: how grad_weight = sum over chunks of grad_logits.T @ hidden[rows] is kept exact
+ONE_CHUNK = "one_chunk"        # all N rows in one chunk: one cuBLAS matmul writes grad_weight
+IN_OUTPUT = "in_output"        # fp32 weights: grad_weight itself is the fp32 accumulator
+FP32_STATE = "fp32"            # an fp32 [V, D] state (4 B per element)
+COMPENSATED = "compensated"    # grad_weight (hi) + an int8 [V, D] residual (1 B per element), matmul_accumulate MODE 1
+RECOMPUTE = "recompute"        # not even COMPENSATED + a minimal chunk fits: lce_forward + lce_backward instead
+
+_MIN_FUSED_WORKSPACE = 64 * 2**20
+_FUSED_ROW_GRAIN = 8 if INTERPRET else 128   # chunk rows are a multiple of it (the last chunk ragged)
+_FP32_STATE_MIN_ROWS = 1024                  # "auto" takes the fp32 state only beside chunks of >= min(N, this) rows
+
+
+@dataclass(frozen=True)
+class FusedPlan:
+    chunk_rows: int        # tokens per chunk (the last one may be shorter); 0 with RECOMPUTE
+    state_mode: str        # ONE_CHUNK | IN_OUTPUT | FP32_STATE | COMPENSATED | RECOMPUTE
+    workspace_bytes: int   # state + one chunk of logits (+ traced temporaries); RECOMPUTE: plan_backward's
+
+
+def default_fused_workspace(n_tokens: int, num_classes: int, dtype: torch.dtype) -> int:
+    """max(64 MiB, 0.4 * N * V * itemsize): at most ~40% of one [N, V] logits tensor in the input dtype (what plain
+    torch.compile keeps), so that the op's memory above the gradients stays under half of plain torch.compile's."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return max(_MIN_FUSED_WORKSPACE, int(0.4 * n_tokens * num_classes * itemsize))
+
+
+def _chunk_stride(num_classes: int, traced: bool) -> int:
+    """Row stride of a logits chunk: V rounded up to the grad_weight kernel's largest BLOCK_M (eager), so that the
+    kernel reads the transposed chunk in unmasked, vectorized tiles. Traced: V (an ``out=`` matmul into a view
+    would become matmul + copy there)."""
+    grain = _max_block_m(matmul_accumulate_kernels["grad_weight"][0])
+    if traced or num_classes % grain == 0:
+        return num_classes
+    return _cdiv(num_classes, grain) * grain
+
+
+def plan_fused(n_tokens: int, dim: int, num_classes: int, dtype: torch.dtype, workspace: Optional[int] = None,
+               state: Optional[str] = None, traced: bool = False) -> FusedPlan:
+    """Chunk rows and grad_weight state of the fused op so that state + one [chunk_rows, V] logits chunk fit
+    ``workspace`` (default: Settings.fused_workspace_bytes, else default_fused_workspace):
+
+    (a) all N rows fit in one chunk: ONE_CHUNK, no state;
+    (b) fp32 weights: IN_OUTPUT (no state);
+    (c) 16-bit weights, state "auto": FP32_STATE when V * D * 4 plus a chunk of >= min(N, 1024) rows fits, else
+        (d) COMPENSATED (V * D bytes) with chunks of >= 128 rows; "fp32" / "compensated" force one (>= 128 rows);
+    (e) nothing fits: RECOMPUTE.
+    Chunks: as many rows as fit beside the state, a multiple of 128, then evened out over the chunks needed.
+    Traced (Inductor), each row also costs a [D] temporary (the out= grad_hidden matmul becomes mm + copy)."""
+    n = max(1, n_tokens)
+    if workspace is None:
+        workspace = SETTINGS.fused_workspace_bytes
+    if workspace is None:
+        workspace = default_fused_workspace(n, num_classes, dtype)
+    state = SETTINGS.fused_state if state is None else state
+    if state not in ("auto", "fp32", "compensated"):
+        raise ValueError(f"fused_state must be auto, fp32 or compensated, got {state!r}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    row_bytes = (_chunk_stride(num_classes, traced) + (dim if traced else 0)) * itemsize
+    if n * row_bytes <= workspace:
+        return FusedPlan(n, ONE_CHUNK, n * row_bytes)
+    grain = _FUSED_ROW_GRAIN
+    elements = num_classes * dim
+    if dtype == torch.float32:
+        options = [(IN_OUTPUT, 0, grain)]
+    else:
+        options = {"auto": [(FP32_STATE, 4 * elements, _FP32_STATE_MIN_ROWS), (COMPENSATED, elements, grain)],
+                   "fp32": [(FP32_STATE, 4 * elements, grain)],
+                   "compensated": [(COMPENSATED, elements, grain)]}[state]
+    for mode, state_bytes, min_rows in options:
+        fit = max(0, workspace - state_bytes) // row_bytes      # < n: one chunk of all rows did not fit
+        if fit >= max(grain, min(n, min_rows)):
+            rows = fit // grain * grain
+            rows = _cdiv(_cdiv(n, _cdiv(n, rows)), grain) * grain   # the same chunk count, chunks evened out
+            return FusedPlan(rows, mode, state_bytes + rows * row_bytes)
+    return FusedPlan(0, RECOMPUTE, plan_backward(n, dim, num_classes, dtype, traced=traced).workspace_bytes)
+
+
+@functools.lru_cache(maxsize=None)
+def _cublas_fp32_accumulate_works(device: str) -> bool:
+    """Whether this torch accumulates 16-bit products into an fp32 tensor in place by cuBLAS (``aten::mm.dtype_out``
+    and ``aten::addmm.dtype_out`` with out = self; CUDA only, and older versions require self in the input dtype):
+    tried once per device on a small problem shaped like the real one (A transposed)."""
+    ops = torch.ops.aten
+    if not (hasattr(ops.addmm, "dtype_out") and hasattr(ops.mm, "dtype_out")):
+        return False
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(40, 64, device=device, generator=gen).to(torch.bfloat16).t()       # [64, 40], M-major
+        b = torch.randn(40, 48, device=device, generator=gen).to(torch.bfloat16)
+        state = torch.empty(64, 48, device=device, dtype=torch.float32)
+        ops.mm.dtype_out(a, b, torch.float32, out=state)
+        ops.addmm.dtype_out(state, a, b, torch.float32, out=state)
+        return bool(torch.allclose(state, 2 * (a.float() @ b.float()), rtol=1e-4, atol=1e-4))
+    except Exception:  # not implemented for this device / dtypes in this torch
+        return False
+
+
+def _use_cublas_fp32(plan: FusedPlan, device: torch.device, traced: bool) -> bool:
+    if SETTINGS.fused_fp32_gemm not in ("cublas", "triton"):
+        raise ValueError(f"fused_fp32_gemm must be cublas or triton, got {SETTINGS.fused_fp32_gemm!r}")
+    if SETTINGS.fused_fp32_gemm != "cublas" or traced or INTERPRET or device.type != "cuda":
+        return False
+    return plan.state_mode == IN_OUTPUT or _cublas_fp32_accumulate_works(str(device))
+
+
+def _logits_chunk(h_c: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int) -> Tensor:
+    """[c, V] logits of a chunk of rows by cuBLAS, rounded to the input dtype exactly like F.linear (it is the same
+    addmm), in a buffer of row stride ``stride`` >= V."""
+    num_classes = weight.shape[0]
+    if stride == num_classes:
+        return torch.nn.functional.linear(h_c, weight, bias)
+    logits = h_c.new_empty((h_c.shape[0], stride))[:, :num_classes]
+    if bias is None:
+        return torch.mm(h_c, weight.t(), out=logits)
+    return torch.addmm(bias, h_c, weight.t(), out=logits)
+
+
+def _softmax_grad_rows(logits: Tensor, target: Tensor, loss: Tensor, lse: Tensor, grad_scale: Tensor,
+                       ignore_index: int, softcap: float, traced: bool) -> None:
+    """loss, lse of the chunk's rows and their grad_logits in place (softmax_grad_rows.py). The kernel's first
+    launch per V (eager) runs on 2 * SMs rows alone, so its tuning copies only them (_tuning_split)."""
+    n_rows, num_classes = logits.shape
+    key = ("softmax_grad_rows", num_classes, logits.dtype, target.dtype)
+    spans = _tuning_split(key, n_rows, 2 * _num_sms(str(logits.device)), traced)
+    for r0, r1 in spans:
+        whole = len(spans) == 1
+
+        def grid(meta, rows=r1 - r0):
+            return (triton.cdiv(rows, meta["BLOCK_M"]),)
+
+        wrap_triton(softmax_grad_rows_kernel)[grid](
+            *(t if whole else t[r0:r1] for t in (logits, target, loss, lse)), grad_scale, r1 - r0, num_classes,
+            logits.stride(0), ignore_index, softcap, HAS_SOFTCAP=softcap > 0, EMULATE_ROUNDING=DOT_FP32,
+        )
+
+
+def _whole_or_rows(t: Tensor, r0, r1, n_tokens) -> Tensor:
+    return t if (r0 == 0 and r1 == n_tokens) else t[r0:r1]
+
+
+def lce_fused_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, grad_scale: Tensor,
+                   ignore_index: int, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss [N], lse [N], grad_hidden [N, D], grad_weight [V, D], grad_bias [V] or [0]) (``inductor_lce::lce_fused``'s
+    semantics: the gradients of sum_n grad_scale * loss_n, ignored tokens contributing nothing)."""
+    from ..ops import check_grad_scale
+
+    softcap = _check_softcap(softcap)
+    check_grad_scale(grad_scale)
+    n_tokens, dim = hidden.shape
+    num_classes = weight.shape[0]
+    hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    grad_scale = grad_scale.to(hidden.device)            # read by the kernel on the device: no host sync
+    traced = _is_traced(hidden)
+    plan = plan_fused(_hint(n_tokens), dim, num_classes, hidden.dtype, traced=traced)
+    if plan.state_mode == RECOMPUTE:  # the same results with four GEMMs and the backward's lean workspace
+        loss, lse, _ = lce_forward_impl(hidden, weight, bias, target, ignore_index, softcap)
+        grads = lce_backward_impl(grad_scale.expand(n_tokens), None, None, hidden, weight, bias, target, lse,
+                                  ignore_index, softcap)
+        return (loss, lse) + tuple(grads)
+    if SETTINGS.check_targets:
+        _check_targets(target, num_classes, ignore_index)
+    loss = hidden.new_empty((n_tokens,), dtype=torch.float32)
+    lse = hidden.new_empty((n_tokens,), dtype=torch.float32)
+    grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)      # [N, D]
+    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)      # [V, D]
+    grad_bias_acc = None if bias is None else hidden.new_zeros((num_classes,), dtype=torch.float32)
+    if _hint(n_tokens) == 0:
+        grad_weight.zero_()
+    else:
+        _fused_chunks(plan, hidden, weight, bias, target, grad_scale, ignore_index, softcap, traced,
+                      loss, lse, grad_hidden, grad_weight, grad_bias_acc)
+    grad_bias = weight.new_empty((0,)) if bias is None else grad_bias_acc.to(bias.dtype)
+    return loss, lse, grad_hidden, grad_weight, grad_bias
+
+
+def _fused_chunks(plan, hidden, weight, bias, target, grad_scale, ignore_index, softcap, traced,
+                  loss, lse, grad_hidden, grad_weight, grad_bias_acc):
+    """The chunk loop of lce_fused_impl: fills loss, lse, grad_hidden, grad_weight and grad_bias_acc."""
+    n_tokens, dim = hidden.shape
+    num_classes = weight.shape[0]
+    stride = _chunk_stride(num_classes, traced)
+    mode = plan.state_mode
+    cublas = mode in (IN_OUTPUT, FP32_STATE) and _use_cublas_fp32(plan, hidden.device, traced)
+    state = None
+    if mode == FP32_STATE:
+        state = hidden.new_empty((num_classes, dim), dtype=torch.float32)       # [V, D]
+    elif mode == COMPENSATED:
+        state = hidden.new_empty((num_classes, dim), dtype=torch.int8)          # [V, D] compensation of grad_weight
+    starts = list(range(0, n_tokens, plan.chunk_rows))
+    for i, r0 in enumerate(starts):
+        r1 = min(r0 + plan.chunk_rows, n_tokens)
+        first, last = i == 0, i == len(starts) - 1
+        h_c = hidden[r0:r1]
+        logits = _logits_chunk(h_c, weight, bias, stride)                       # [c, V], row stride `stride`
+        _softmax_grad_rows(logits, target[r0:r1], _whole_or_rows(loss, r0, r1, n_tokens),
+                           _whole_or_rows(lse, r0, r1, n_tokens), grad_scale, ignore_index, softcap, traced)
+        # grad_hidden of the chunk: one matmul over all V, written straight into the output (exact)
+        torch.mm(logits, weight, out=_whole_or_rows(grad_hidden, r0, r1, n_tokens))
+        gl_t = logits.t()                                                       # [V, c], stride (1, stride)
+        if mode == ONE_CHUNK:
+            torch.mm(gl_t, h_c, out=grad_weight)
+        elif cublas and mode == IN_OUTPUT:
+            if first:
+                torch.mm(gl_t, h_c, out=grad_weight)
+            else:
+                grad_weight.addmm_(gl_t, h_c)
+        elif cublas:  # FP32_STATE by cuBLAS: fp32 output of 16-bit products, accumulated in place
+            if first:
+                torch.ops.aten.mm.dtype_out(gl_t, h_c, torch.float32, out=state)
+            else:
+                torch.ops.aten.addmm.dtype_out(state, gl_t, h_c, torch.float32, out=state)
+            if last:
+                grad_weight.copy_(state)
+        else:
+            _matmul_accumulate("grad_weight", gl_t, h_c, grad_weight, grad_weight if mode == IN_OUTPUT else state,
+                               mode=MODE_COMPENSATED if mode == COMPENSATED else MODE_FP32, first=first, last=last,
+                               m_key=_bucket(num_classes), k_key=_bucket(plan.chunk_rows), traced=traced,
+                               a_padded=stride % _max_block_m(matmul_accumulate_kernels["grad_weight"][0]) == 0)
+        if grad_bias_acc is not None:
+            grad_bias_acc += logits.sum(0, dtype=torch.float32)
+        del logits, gl_t  # before the next chunk is allocated: one chunk alive at a time

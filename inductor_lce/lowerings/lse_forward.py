@@ -12,7 +12,8 @@ For tokens n (BLOCK_M per program) and the classes v of one V-split p:
 
 The host combines the splits: lse = ln2 * (M + log2(sum_p sumexp[p] * exp2(max2[p] - M))), M = max_p max2[p],
 and sum_logits = sum_p partial_sum[p]. tanh is ``_tanh.tanh_f32`` (exp2 + polynomial; libdevice's is an extern
-call the interpreter cannot run). Without HAS_SOFTCAP the ``softcap`` argument is unused.
+call the interpreter cannot run). Without HAS_SOFTCAP the ``softcap`` argument is unused; with it, it is made fp32
+first (Inductor may pass it as fp64). Scores and the online update are the shared ``_softmax`` helpers.
 Grid: (cdiv(N, BLOCK_M), SPLITS); program (m, p) walks the classes [p * v_per_split, (p + 1) * v_per_split).
 Consecutive programs share a split, so the weight tiles they stream are read from L2 by all row blocks.
 """
@@ -23,7 +24,7 @@ import triton.language as tl
 
 from ._config import LOG2E, configs
 from ._rounding import round_to
-from ._tanh import tanh_f32
+from ._softmax import online_lse, scores
 
 
 @triton.jit
@@ -50,7 +51,7 @@ def lse_forward_kernel_jit(
     partial_sum = tl.zeros([BLOCK_M], tl.float32)
     target_logit = tl.zeros([BLOCK_M], tl.float32)
     if HAS_SOFTCAP:
-        inv_softcap = 1.0 / softcap
+        softcap = tl.cast(softcap, tl.float32)  # Inductor passes a Python float as fp64: keep every tile fp32
     for t in range(0, v_per_split, BLOCK_N):  # loop bounds from arguments only (Triton's interpreter needs it)
         cols = v_begin + t + tl.arange(0, BLOCK_N)                        # [BLOCK_N] class ids
         col_ok = (cols < V) & (t + tl.arange(0, BLOCK_N) < v_per_split)
@@ -71,16 +72,12 @@ def lse_forward_kernel_jit(
         if HAS_BIAS:
             acc += tl.load(bias_ptr + tl.where(col_ok, cols, v_begin)).to(tl.float32)[None, :]
         z = round_to(acc, hidden_ptr.dtype.element_ty, DOT_FP32).to(tl.float32)  # logits in the input dtype
-        s = z
-        if HAS_SOFTCAP:
-            s = softcap * tanh_f32(z * inv_softcap)                       # scores, fp32
+        s, _ = scores(z, softcap, HAS_SOFTCAP)                            # scores, fp32
         # (a masked column never equals a target of this split, the only one whose logit is stored)
         target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], s, 0.0), axis=1)
         partial_sum += tl.sum(tl.where(col_ok[None, :], s, 0.0), axis=1)
-        z2 = tl.where(col_ok[None, :], s * LOG2E, float("-inf"))  # tile 0 always has a valid column
-        new_max2 = tl.maximum(max2, tl.max(z2, axis=1))
-        sumexp = sumexp * tl.exp2(max2 - new_max2) + tl.sum(tl.exp2(z2 - new_max2[:, None]), axis=1)
-        max2 = new_max2
+        # (tile 0 always has a valid column)
+        max2, sumexp = online_lse(max2, sumexp, tl.where(col_ok[None, :], s * LOG2E, float("-inf")))
 
     tl.store(max2_ptr + split * N + rows, max2, mask=row_ok)
     tl.store(sumexp_ptr + split * N + rows, sumexp, mask=row_ok)

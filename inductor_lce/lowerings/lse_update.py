@@ -11,7 +11,8 @@ rounded to the input dtype):
     target_logit[n]  = s[n, target[n] - v_begin]  if target[n] is in the slab
 
 FIRST initialises the state (max2 = -inf, sumexp = 0, sum_logits = 0, target_logit = 0). Grid: (cdiv(N, BLOCK_M),).
-Without HAS_SOFTCAP the ``softcap`` argument is unused.
+Without HAS_SOFTCAP the ``softcap`` argument is unused; with it, it is made fp32 first (Inductor may pass it
+as fp64). Scores and the online update are the shared ``_softmax`` helpers.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._config import LOG2E, row_configs
-from ._tanh import tanh_f32
+from ._softmax import online_lse, scores
 
 
 @triton.jit
@@ -44,23 +45,18 @@ def lse_update_kernel_jit(
         total = tl.load(sum_ptr + rows_safe)
         target_logit = tl.load(target_logit_ptr + rows_safe)
     if HAS_SOFTCAP:
-        inv_softcap = 1.0 / softcap
+        softcap = tl.cast(softcap, tl.float32)  # Inductor passes a Python float as fp64: keep every tile fp32
     row_base = logits_ptr + rows_safe.to(tl.int64)[:, None] * stride_logits
     for j0 in range(0, slab, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         col_ok = j < slab
         z = tl.load(row_base + j[None, :], mask=col_ok[None, :], other=float("-inf")).to(tl.float32)
+        s, _ = scores(z, softcap, HAS_SOFTCAP)
         if HAS_SOFTCAP:
-            s = softcap * tanh_f32(z * inv_softcap)                   # masked columns: -softcap
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-        else:
-            s = z
+            s = tl.where(col_ok[None, :], s, float("-inf"))          # (masked columns gave -softcap)
         target_logit += tl.sum(tl.where((j[None, :] == target_col[:, None]) & col_ok[None, :], s, 0.0), axis=1)
         total += tl.sum(tl.where(col_ok[None, :], s, 0.0), axis=1)
-        z2 = s * LOG2E
-        new_max2 = tl.maximum(max2, tl.max(z2, axis=1))
-        sumexp = sumexp * tl.exp2(max2 - new_max2) + tl.sum(tl.exp2(z2 - new_max2[:, None]), axis=1)
-        max2 = new_max2
+        max2, sumexp = online_lse(max2, sumexp, s * LOG2E)
     tl.store(max2_ptr + rows, max2, mask=row_ok)
     tl.store(sumexp_ptr + rows, sumexp, mask=row_ok)
     tl.store(sum_ptr + rows, total, mask=row_ok)

@@ -1,0 +1,195 @@
+"""out[M, N] (+)= A[M, K] @ B[K, N], accumulated over a sequence of launches without 16-bit drift.
+
+    acc[m, n] = sum_k A[m, k] * B[k, n]          # [BLOCK_M, BLOCK_N] tile by tl.dot, fp32; A and B with any strides
+
+Its two users (lce_triton.py), one launch per step of their loops:
+* recompute backward, per V-slab: grad_hidden [N, D] += grad_logits_slab [N, slab] @ weight[slab] [slab, D]
+  (A row-major: stride_ak = 1);
+* fused op, per row chunk: grad_weight [V, D] += grad_logits_chunk.T [V, rows] @ hidden[rows] [rows, D]
+  (A is the chunk transposed: stride_am = 1, stride_ak = the chunk's row stride).
+
+The running sum over launches lives in one of two states (MODE):
+
+* MODE 0 (fp32): state[m, n] += acc in an fp32 [M, N] buffer; the LAST launch writes dtype(state + acc)
+  into out. 4 bytes per element: used where M * N * 4 fits the workspace, or for fp32 outputs
+  (state is out itself).
+* MODE 1 (compensated): the state is hi + lo * unit(hi) with hi = out itself (its dtype) and lo an
+  int8 [M, N] buffer: each launch computes total = hi + lo * unit(hi) + acc, stores hi = dtype(total) and
+  lo = round((total - hi) / unit(hi)) clamped to [-127, 127]. unit(hi) = half an ulp of hi / 2^7, a power
+  of two read off hi's exponent bits (so both scalings are exact multiplications, no division):
+  |total - hi| <= half an ulp, so lo keeps 7 more bits than the dtype (bf16: 15-bit significand) for
+  1 extra byte per element instead of 2 for fp32.
+  Plain dtype accumulation over S launches would add ~sqrt(S) roundings of the running sum (1e-2 relative
+  error at S = 64 in bf16, measured; see bench/NOTES.md).
+
+FIRST: no previous state (the first launch), LAST: the final one; a FIRST launch reads no state, so replaying it
+(autotuning) changes nothing and needs no saved copy. EVEN_M / EVEN_N / EVEN_K: A's rows / B's columns / the K
+range can be read in whole blocks without masks (multiples of the largest block; EVEN_M also when A's storage is
+padded past M: the fused op's chunk has a padded row stride, and the rows past M only feed masked outputs). Where
+not, the operand loads are masked (masks, not clamped offsets, keep the contiguous dim provably contiguous).
+Grid: one program per [BLOCK_M, BLOCK_N] tile of out, grouped GROUP_M row blocks at a time (``_grid``).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._config import configs
+from ._grid import grouped_tile
+from ._rounding import round_to
+
+
+@triton.jit
+def lo_unit(hi):
+    """(unit, 1 / unit) in fp32 for a bf16/fp16 tensor hi: unit = 2^(exponent(hi) - mantissa bits - 8)."""
+    bits = hi.to(tl.int16, bitcast=True).to(tl.int32)
+    if hi.dtype == tl.bfloat16:   # 8 exponent bits (bias 127), 7 mantissa bits; tiny |hi| < 2^-111 share one unit
+        unit_exp = tl.maximum((bits >> 7) & 0xFF, 16) - 127 - 15
+    else:                         # fp16: 5 exponent bits (bias 15), 10 mantissa bits; subnormals use e = 1
+        unit_exp = tl.maximum((bits >> 10) & 0x1F, 1) - 15 - 18
+    unit = ((unit_exp + 127) << 23).to(tl.float32, bitcast=True)
+    inv_unit = ((127 - unit_exp) << 23).to(tl.float32, bitcast=True)
+    return unit, inv_unit
+
+
+@triton.jit
+def _load_tile(ptrs, rows_ok, cols_ok, ALL_ROWS: tl.constexpr, ALL_COLS: tl.constexpr):
+    """A [rows, cols] operand tile, masked only along the dims that may run past the matrix (masks, not clamped
+    offsets: the contiguous dim stays provably contiguous, so the loads stay vectorized and pipelined)."""
+    if ALL_ROWS and ALL_COLS:
+        tile = tl.load(ptrs)
+    elif ALL_ROWS:
+        tile = tl.load(ptrs, mask=cols_ok[None, :], other=0.0)
+    elif ALL_COLS:
+        tile = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+    else:
+        tile = tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _tile_ptrs(ptr, row0, local_rows, cols, stride):
+    """[BLOCK_M, width] pointers: a 64-bit row-block base plus 32-bit offsets inside the tile."""
+    return ptr + row0.to(tl.int64) * stride + (local_rows[:, None] * stride + cols[None, :])
+
+
+@triton.jit
+def _load_state(out_ptrs, state_ptrs, lo_ptrs, mask, MODE: tl.constexpr):
+    """The running state of a tile: MODE 0 (fp32 state, fp32 state), MODE 1 (hi, lo)."""
+    if MODE == 0:
+        prev_a = tl.load(state_ptrs, mask=mask, other=0.0)
+        prev_b = prev_a
+    else:
+        prev_a = tl.load(out_ptrs, mask=mask, other=0.0)
+        prev_b = tl.load(lo_ptrs, mask=mask, other=0)
+    return prev_a, prev_b
+
+
+@triton.jit
+def _epilogue(acc, prev_a, prev_b, out_ptr, state_ptr, lo_ptr, row0, local_rows, row_ok, col0, N,
+              stride_state, stride_out, width: tl.constexpr, MODE: tl.constexpr, FIRST: tl.constexpr,
+              LAST: tl.constexpr, HAVE_PREV: tl.constexpr, EMULATE: tl.constexpr):
+    """Fold acc, the [BLOCK_M, width] tile of columns col0.., into the running state (loaded here unless
+    HAVE_PREV: then prev_a / prev_b are it; unused when FIRST)."""
+    cols = col0 + tl.arange(0, width)
+    mask = row_ok[:, None] & (cols < N)[None, :]
+    out_ptrs = _tile_ptrs(out_ptr, row0, local_rows, cols, stride_out)
+    state_ptrs = _tile_ptrs(state_ptr, row0, local_rows, cols, stride_state)
+    lo_ptrs = _tile_ptrs(lo_ptr, row0, local_rows, cols, stride_out)     # lo is [M, N] with out's strides
+    if not FIRST and not HAVE_PREV:
+        prev_a, prev_b = _load_state(out_ptrs, state_ptrs, lo_ptrs, mask, MODE)
+    total = acc
+    if MODE == 0:
+        if not FIRST:
+            total += prev_a
+        if LAST:
+            tl.store(out_ptrs, round_to(total, out_ptr.dtype.element_ty, EMULATE), mask=mask)
+        else:
+            tl.store(state_ptrs, total, mask=mask)
+    else:
+        if not FIRST:
+            unit, _ = lo_unit(prev_a)
+            total += prev_a.to(tl.float32) + prev_b.to(tl.float32) * unit
+        new_hi = round_to(total, out_ptr.dtype.element_ty, EMULATE)
+        tl.store(out_ptrs, new_hi, mask=mask)
+        if not LAST:
+            _, inv_unit = lo_unit(new_hi)
+            q = (total - new_hi.to(tl.float32)) * inv_unit
+            q = tl.minimum(tl.maximum(tl.floor(q + 0.5), -127.0), 127.0)
+            tl.store(lo_ptrs, q.to(tl.int8), mask=mask)
+
+
+@triton.jit
+def matmul_accumulate_kernel_jit(
+    a_ptr, b_ptr,                                      # A [M, K], B [K, N] (strides below)
+    state_ptr, lo_ptr, out_ptr,                        # MODE 0: fp32 [M, N]; MODE 1: int8 [M, N] (out's strides); out
+    M, N, K, m_bucket, k_bucket,                       # (m_bucket, k_bucket: autotuning keys only)
+    stride_am, stride_ak, stride_bk, stride_bn, stride_state, stride_out,
+    MODE: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PREFETCH: tl.constexpr = True, EPILOGUE_SPLIT: tl.constexpr = 1,
+):
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    local_rows = tl.arange(0, BLOCK_M)                                  # [BLOCK_M] rows row0 + i of A and out
+    row_ok = row0 + local_rows < M
+    cols = col0 + tl.arange(0, BLOCK_N)                                 # [BLOCK_N] columns of B and out
+    col_ok = cols < N
+    offs_k = tl.arange(0, BLOCK_K)
+    # 64-bit row-block base, 32-bit offsets inside a tile; the K loop advances the pointers
+    a_ptrs = a_ptr + row0.to(tl.int64) * stride_am + (local_rows[:, None] * stride_am + offs_k[None, :] * stride_ak)
+    b_ptrs = b_ptr + (offs_k[:, None] * stride_bk + cols[None, :] * stride_bn)
+
+    # PREFETCH: the running state is loaded before the K loop so that its HBM traffic overlaps the tensor-core
+    # work (loaded after the loop, every tile's epilogue waited on it: 1.5x slower per grad_hidden slab,
+    # bench/NOTES.md). Wide tiles cannot hold it in registers beside the accumulator (they spill): they load it
+    # after the loop, and EPILOGUE_SPLIT = 2 folds the two column halves one after the other.
+    prev_a = 0.0  # (placeholders: unused unless PREFETCH and not FIRST)
+    prev_b = 0.0
+    if PREFETCH and not FIRST:
+        mask = row_ok[:, None] & col_ok[None, :]
+        prev_a, prev_b = _load_state(_tile_ptrs(out_ptr, row0, local_rows, cols, stride_out),
+                                     _tile_ptrs(state_ptr, row0, local_rows, cols, stride_state),
+                                     _tile_ptrs(lo_ptr, row0, local_rows, cols, stride_out), mask, MODE)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = _load_tile(a_ptrs, row_ok, k_ok, EVEN_M, EVEN_K)            # [BLOCK_M, BLOCK_K]
+        b = _load_tile(b_ptrs, k_ok, col_ok, EVEN_K, EVEN_N)            # [BLOCK_K, BLOCK_N]
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if EPILOGUE_SPLIT == 1:
+        _epilogue(acc, prev_a, prev_b, out_ptr, state_ptr, lo_ptr, row0, local_rows, row_ok, col0, N,
+                  stride_state, stride_out, BLOCK_N, MODE, FIRST, LAST, PREFETCH, DOT_FP32)
+    else:
+        tl.static_assert(EPILOGUE_SPLIT == 2 and not PREFETCH, "EPILOGUE_SPLIT: 1, or 2 without PREFETCH")
+        half: tl.constexpr = BLOCK_N // 2
+        acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, half)), (0, 2, 1)))  # columns [0, half), rest
+        _epilogue(acc0, prev_a, prev_b, out_ptr, state_ptr, lo_ptr, row0, local_rows, row_ok, col0, N,
+                  stride_state, stride_out, half, MODE, FIRST, LAST, False, DOT_FP32)
+        _epilogue(acc1, prev_a, prev_b, out_ptr, state_ptr, lo_ptr, row0, local_rows, row_ok, col0 + half, N,
+                  stride_state, stride_out, half, MODE, FIRST, LAST, False, DOT_FP32)
+
+
+def _autotuned(use: str, first: bool):
+    # restore_value: autotuning replays the kernel, which must not add a launch twice. A FIRST launch reads no
+    # state, so its replays change nothing and its tuner saves no copy of the [M, N] state (GBs for grad_weight);
+    # the host runs the first later launch of a key on a few thousand rows alone, so their copies stay small.
+    return triton.autotune(configs=configs(use), key=["N", "m_bucket", "k_bucket"],
+                           restore_value=None if first else ["state_ptr", "lo_ptr", "out_ptr"])(
+        matmul_accumulate_kernel_jit)
+
+
+# {use: (tuner for FIRST launches, tuner for the others)}, use = "grad_hidden" | "grad_weight" (config tables)
+matmul_accumulate_kernels = {use: (_autotuned(use, True), _autotuned(use, False)) for use in ("grad_hidden",
+                                                                                                 "grad_weight")}
