@@ -427,7 +427,7 @@ def compile_report():
             builds.append((f"matmul_accumulate mode={mode} first={first} last={last}",
                            matmul_accumulate.matmul_accumulate_kernel_jit,
                            dict(MODE=mode, FIRST=first, LAST=last, EVEN_M=True, EVEN_N=True, EVEN_K=True, GROUP_M=8,
-                                **common), types))
+                                PREFETCH=True, EPILOGUE_SPLIT=1, **common), types))
         for name, fn, const, types in builds:
             try:
                 rep = ptxas_report(compile_sm90(fn, dict(const, **blk), nw, ns, ptr_types=types))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see bench/NOTES.md, "Reproduce"): bash bench/device_session.sh PHASE...
-#   tests    the whole test suite on the GPU machine (its CUDA tests, and the rest under its torch; xdist -n JOBS)
+#   tests    the whole test suite on the GPU machine (its CUDA tests, and the rest under its torch; xdist -n JOBS;
+#            TESTS_K: a pytest -k expression)
 #   quick    bench_lce.py: floor, compile and our two settings on the three shapes (+ plan variants in EXTRA)
 #   sweep    bench_lce.py --sweep: the three-GEMM loop's pieces alone
 #   bench    bench_lce.py: every method, with the peers (carry .whl)
@@ -16,6 +17,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
+# the package's metadata (its torch_dynamo_backends entry point; the code itself runs from this tree, first on the path)
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --target /tmp/site_pkg . \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site_pkg
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 rc=0
@@ -23,7 +27,7 @@ for phase in "$@"; do
     echo "=== $phase $(date +%T)"
     case $phase in
         tests)
-            python3 -m pytest -q -p no:cacheprovider -n ${JOBS:-8} tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 || rc=1 ;;
+            python3 -m pytest -q -p no:cacheprovider -n ${JOBS:-8} ${TESTS_K:+-k "$TESTS_K"} tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 || rc=1 ;;
         quick)
             METHODS=${METHODS:-floor,compile,inductor_lce,inductor_lce_lean${EXTRA:+,$EXTRA}} \
                 python3 bench/bench_lce.py 2>&1 | tee "$OUT/quick.log" | grep -v '^{' || rc=1 ;;

@@ -6,6 +6,8 @@ here every family of test_families.py (and HF models) is summarised by its ``lce
 (grad_loss, grad_lse for z-loss / label smoothing, grad_sum_logits), and the soft-cap.
 Regenerate with ``EXPECTTEST_ACCEPT=1 python -m pytest tests/test_family_snapshots.py``.
 """
+import re
+
 import pytest
 import torch
 from expecttest import TestCase
@@ -97,9 +99,11 @@ inductor_lce.lce_fused(view, primals_2, None, view_3, convert_element_type_defau
         for name in ("llama", "gemma2"):
             model = H._model(name)
             ids = torch.randint(0, H.V, (2, H.T), generator=torch.Generator().manual_seed(1))
-            blocks.append(f"# {name}\n" + "\n".join(_op_lines(lambda i, l: model(input_ids=i, labels=l).loss, (ids, ids))))
+            lines = _op_lines(lambda i, l: model(input_ids=i, labels=l).loss, (ids, ids))
+            # node numbers depend on the transformers version's model code: the snapshot keeps the op's structure
+            blocks.append(f"# {name}\n" + "\n".join(re.sub(r"_\d+\b", "_N", line) for line in lines))
         self.assertExpectedInline("\n".join(blocks), """\
 # llama
-inductor_lce.lce_fused(view_20, primals_14, None, view_23, div_tensor, -100, 0.0)
+inductor_lce.lce_fused(view_N, primals_N, None, view_N, div_tensor, -100, 0.0)
 # gemma2
-inductor_lce.lce_fused(view_25, primals_2, None, view_28, div_tensor, -100, 30.0)""")
+inductor_lce.lce_fused(view_N, primals_N, None, view_N, div_tensor, -100, 30.0)""")

@@ -381,8 +381,18 @@ def check_outputs(got, inputs, ignore_index, case="", row_groups=1, softcap=0.0)
             assert rel(a, r) <= tol32 or (a.double() - r).abs().max() <= 1e-6, (case, i, rel(a, r))
         return
     ref = reference_ops(inputs, ignore_index, softcap)
+    # loss, lse: 1e-3; on the GPU a target logit may round to the neighbouring 16-bit value (another cuBLAS
+    # algorithm for another chunk shape): then that token's loss may differ by up to one ulp of its target score
+    flip = 0.0
+    if not on_cpu:
+        target_score = (ref[1] - ref[0]).double()                         # s_t = lse - loss
+        if softcap:                                                        # the logit before the cap, z_t
+            target_score = softcap * torch.atanh((target_score / softcap).clamp(-1 + 1e-12, 1 - 1e-12))
+        mantissa = 7 if hidden.dtype == torch.bfloat16 else 10
+        flip = torch.exp2(torch.floor(torch.log2(target_score.abs().clamp_min(2.0**-100))) - mantissa).float()
     for i in (0, 1):
-        assert (got[i] - ref[i]).abs().max() <= 1e-3, (case, i, (got[i] - ref[i]).abs().max())
+        bound = 1e-3 + (flip if i == 0 else 0.0)
+        assert ((got[i] - ref[i]).abs() <= bound).all(), (case, i, (got[i] - ref[i]).abs().max())
     # sum_logits: fp32 sums of the same scores in another order (CPU; on the GPU also logits whose bf16
     # rounding flipped: a whole bf16 ulp each)
     if sum_logits is not None:
@@ -464,7 +474,7 @@ def test_fused_plan():
     for N, D, V in [(8192, 2304, 256000), (8192, 4096, 128256), (16384, 2048, 32000), (3000, 512, 20000),
                     (4096, 1024, 50257), (1000, 4096, 151936)]:
         ws = I.default_fused_workspace(N, V, bf16)
-        assert ws == max(64 * mib, int(0.4 * N * V * 2))
+        assert ws == max(64 * mib, int(0.45 * N * V * 2))
         stride = I._chunk_stride(V, traced=False)
         assert stride % 256 == 0 and V <= stride < V + 256
         plan = I.plan_fused(N, D, V, bf16, state="auto")

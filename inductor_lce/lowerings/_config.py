@@ -57,8 +57,12 @@ LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr global: readable inside 
 LN2 = 0.6931471805599453
 
 
-# matmul_accumulate's wide tiles: the running state loaded after the K loop, folded in two column halves
+# matmul_accumulate's epilogue: the running state prefetched before the K loop, folded at once (_NARROW); the wide
+# tiles load it after the loop and fold it in two column halves (_WIDE). Every config names both (torch 2.11's
+# triton_kernel_wrap does not fill in constexpr defaults when Inductor traces an autotuned kernel).
+_NARROW = dict(PREFETCH=True, EPILOGUE_SPLIT=1)
 _WIDE = dict(PREFETCH=False, EPILOGUE_SPLIT=2)
+_MATMUL_ACCUMULATE = ("grad_hidden", "grad_weight")
 
 
 def _cfg(bm, bn, bk, warps, stages, **extra):
@@ -74,6 +78,8 @@ def _from_env(name):
         return None
     values = [int(x) for x in spec.split(",")]
     extra = dict(PREFETCH=bool(values[5]), EPILOGUE_SPLIT=values[6]) if len(values) > 5 else {}
+    if name in _MATMUL_ACCUMULATE:
+        extra = extra or _NARROW
     return [_cfg(*values[:5], **extra)]
 
 
@@ -85,7 +91,8 @@ def configs(kernel: str) -> list:
         return pinned
     if INTERPRET:  # BLOCK_N 64 > the interpreted slab/split grain (32): partial tiles inside slabs get tested
         # (grad_weight: the wide-tile variant, so both epilogues of matmul_accumulate run)
-        return [_cfg(16, 64, 16, 1, 1, **(_WIDE if kernel == "grad_weight" else {}))]
+        extra = {"grad_weight": _WIDE, "grad_hidden": _NARROW}.get(kernel, {})
+        return [_cfg(16, 64, 16, 1, 1, **extra)]
     # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, extra constexprs]); BLOCK_M tiles tokens (grad_weight:
     # classes).
     table = {
@@ -101,7 +108,8 @@ def configs(kernel: str) -> list:
         "grad_weight": [(128, 256, 64, 8, 3, _WIDE), (128, 256, 64, 8, 4, _WIDE), (256, 128, 64, 8, 3, _WIDE),
                         (128, 128, 64, 8, 4), (128, 128, 128, 8, 3)],
     }[kernel]
-    return [_cfg(*t[:5], **(t[5] if len(t) > 5 else {})) for t in table]
+    default = _NARROW if kernel in _MATMUL_ACCUMULATE else {}
+    return [_cfg(*t[:5], **(t[5] if len(t) > 5 else default)) for t in table]
 
 
 # Elementwise / row kernels (cuBLAS-logits variants): (BLOCK_M, BLOCK_N) and warps.
@@ -114,6 +122,8 @@ def row_configs(kernel: str = "slab") -> list:
     table = {
         "slab": ((16, 512, 4), (32, 256, 4), (8, 1024, 4), (64, 128, 8)),
         # 0 spills, 16-byte accesses on the full blocks (offline sm_90 build); (2, 4096, 8) spilled with soft-cap
-        "softmax_grad_rows": ((1, 2048, 4), (1, 4096, 8), (1, 8192, 8), (4, 2048, 8)),
+        # (several rows per program: more loads in flight per program where rows are short, e.g. V = 32000)
+        "softmax_grad_rows": ((1, 2048, 4), (1, 4096, 8), (1, 8192, 8), (4, 2048, 8), (2, 1024, 4), (4, 1024, 8),
+                              (8, 512, 8)),
     }[kernel]
     return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w) for bm, bn, w in table]

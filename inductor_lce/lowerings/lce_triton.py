@@ -25,7 +25,7 @@ chunk of ``chunk_rows`` tokens (whole rows of V), in order:
     grad_hidden[rows] = grad_logits @ weight            # cuBLAS, K = V, into the output: exact
     grad_weight      += grad_logits.T @ hidden[rows]    # exact over chunks: see plan_fused
     grad_bias        += grad_logits.sum(0)              # fp32 (with bias)
-Workspace, ``Settings.fused_workspace_bytes`` (default max(64 MiB, 0.4 * N * V * itemsize), i.e. at most ~40% of
+Workspace, ``Settings.fused_workspace_bytes`` (default max(64 MiB, 0.45 * N * V * itemsize), i.e. at most ~45% of
 the one low-precision [N, V] logits tensor plain torch.compile keeps): one chunk of logits + the grad_weight state
 (none, fp32 [V, D] or int8 [V, D]); when even the smallest state and chunk do not fit, the op runs the recompute
 algorithm instead (lce_forward + lce_backward with grad_loss = grad_scale: same results, four GEMMs, lean memory).
@@ -77,7 +77,7 @@ class Settings:
     row_groups: int = int(os.environ.get("INDUCTOR_LCE_ROW_GROUPS", "1"))
     check_targets: bool = os.environ.get("INDUCTOR_LCE_CHECK_TARGETS", "1") == "1"
     # fused op: bytes beyond the outputs for one logits chunk + the grad_weight state (see plan_fused);
-    # None: max(64 MiB, 0.4 * N * V * itemsize) per call
+    # None: max(64 MiB, 0.45 * N * V * itemsize) per call
     fused_workspace_bytes: Optional[int] = _env_mb("INDUCTOR_LCE_FUSED_WORKSPACE_MB", None)
     fused_state: str = os.environ.get("INDUCTOR_LCE_FUSED_STATE", "auto")             # auto | fp32 | compensated
     # fp32 grad_weight accumulation (fp32 state, fp32 weights) on CUDA: cuBLAS (aten::addmm.dtype_out, where this
@@ -441,6 +441,7 @@ COMPENSATED = "compensated"    # grad_weight (hi) + an int8 [V, D] residual (1 B
 RECOMPUTE = "recompute"        # not even COMPENSATED + a minimal chunk fits: lce_forward + lce_backward instead
 
 _MIN_FUSED_WORKSPACE = 64 * 2**20
+FUSED_WORKSPACE_FRACTION = 0.45   # of one [N, V] logits tensor: under half of plain torch.compile's, with a margin
 _FUSED_ROW_GRAIN = 8 if INTERPRET else 128   # chunk rows are a multiple of it (the last chunk ragged)
 _FP32_STATE_MIN_ROWS = 1024                  # "auto" takes the fp32 state only beside chunks of >= min(N, this) rows
 
@@ -453,10 +454,10 @@ class FusedPlan:
 
 
 def default_fused_workspace(n_tokens: int, num_classes: int, dtype: torch.dtype) -> int:
-    """max(64 MiB, 0.4 * N * V * itemsize): at most ~40% of one [N, V] logits tensor in the input dtype (what plain
+    """max(64 MiB, 0.45 * N * V * itemsize): at most ~45% of one [N, V] logits tensor in the input dtype (what plain
     torch.compile keeps), so that the op's memory above the gradients stays under half of plain torch.compile's."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return max(_MIN_FUSED_WORKSPACE, int(0.4 * n_tokens * num_classes * itemsize))
+    return max(_MIN_FUSED_WORKSPACE, int(FUSED_WORKSPACE_FRACTION * n_tokens * num_classes * itemsize))
 
 
 def _chunk_stride(num_classes: int, traced: bool) -> int:

@@ -129,7 +129,7 @@ def matmul_accumulate_kernel_jit(
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PREFETCH: tl.constexpr = True, EPILOGUE_SPLIT: tl.constexpr = 1,
+    PREFETCH: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr,   # (every config names both: _config.configs)
 ):
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
