@@ -105,8 +105,10 @@ def configs(kernel: str) -> list:
         # the fused op's grad_weight: M = V (up to 256k), N = D (2-4k), K = chunk rows (1-6k), A = the grad_logits
         # chunk transposed (M-major). 0 spills in both modes (offline sm_90 build, tests/test_kernels.py): the wide
         # tiles as _WIDE (no prefetch, split epilogue), the 128x128 ones prefetching the state
+        # (128x128x64 with 3 stages and 128x256 with 2: two programs per SM, one's epilogue beside the other's loop)
         "grad_weight": [(128, 256, 64, 8, 3, _WIDE), (128, 256, 64, 8, 4, _WIDE), (256, 128, 64, 8, 3, _WIDE),
-                        (128, 128, 64, 8, 4), (128, 128, 128, 8, 3)],
+                        (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 128, 64, 8, 3),
+                        (128, 256, 64, 8, 2, _WIDE)],
     }[kernel]
     default = _NARROW if kernel in _MATMUL_ACCUMULATE else {}
     return [_cfg(*t[:5], **(t[5] if len(t) > 5 else default)) for t in table]
