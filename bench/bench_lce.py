@@ -440,6 +440,7 @@ def sweep(shapes):
     """Kernel-level timings of the three-GEMM loop's pieces at each shape: one row chunk of the default plan,
     each variant of the grad_weight accumulation, x_chunks = time x chunk count (correctness:
     tests/test_kernels.py). The recompute path's pieces show in --profile."""
+    import inductor_lce.lowerings as L
     from inductor_lce.lowerings import lce_triton as I
 
     info = versions()
@@ -495,7 +496,8 @@ def sweep(shapes):
             pieces.append(("grad_weight_mm_cublas_fp32_addmm",
                            lambda: torch.ops.aten.addmm.dtype_out(st32, gl_t, h_c, torch.float32, out=st32)))
         for what, fn in pieces:
-            t = try_time(fn)
+            with L._plain_launches():   # as the op launches them (no wrap_triton dispatch per launch)
+                t = try_time(fn)
             rec(shape=[N, D, V], what=what, ms=t, x_chunks=_x(t, n_chunks),
                 tflops=round(tf / t * 1e3) if isinstance(t, float) and "_mm_" in what else None)
         del logits, gl_t, gh, gw, st32, lo, h, w, y
