@@ -389,8 +389,12 @@ def check_outputs(got, inputs, ignore_index, case="", row_groups=1, softcap=0.0)
         target_score = (ref[1] - ref[0]).double()                         # s_t = lse - loss
         if softcap:                                                        # the logit before the cap, z_t
             target_score = softcap * torch.atanh((target_score / softcap).clamp(-1 + 1e-12, 1 - 1e-12))
+        magnitude = target_score.abs()
+        if bias is not None:  # rounded before the bias was added (Inductor): the product's magnitude |z_t - b_t|
+            b_t = bias.double()[torch.where(target == ignore_index, 0, target)]
+            magnitude = torch.maximum(magnitude, (target_score - b_t).abs())
         mantissa = 7 if hidden.dtype == torch.bfloat16 else 10
-        flip = 2 * torch.exp2(torch.floor(torch.log2(target_score.abs().clamp_min(2.0**-100))) - mantissa).float()
+        flip = 2 * torch.exp2(torch.floor(torch.log2(magnitude.clamp_min(2.0**-100))) - mantissa).float()
     for i in (0, 1):
         bound = 1e-3 + (flip if i == 0 else 0.0)
         assert ((got[i] - ref[i]).abs() <= bound).all(), (case, i, (got[i] - ref[i]).abs().max())
