@@ -471,7 +471,7 @@ def _chunk_stride(num_classes: int, traced: bool) -> int:
 
 
 def plan_fused(n_tokens: int, dim: int, num_classes: int, dtype: torch.dtype, workspace: Optional[int] = None,
-               state: Optional[str] = None, traced: bool = False) -> FusedPlan:
+               state: Optional[str] = None, traced: bool = False, bias: bool = False) -> FusedPlan:
     """Chunk rows and grad_weight state of the fused op so that state + one [chunk_rows, V] logits chunk fit
     ``workspace`` (default: Settings.fused_workspace_bytes, else default_fused_workspace):
 
@@ -481,7 +481,8 @@ def plan_fused(n_tokens: int, dim: int, num_classes: int, dtype: torch.dtype, wo
         (d) COMPENSATED (V * D bytes) with chunks of >= 128 rows; "fp32" / "compensated" force one (>= 128 rows);
     (e) nothing fits: RECOMPUTE.
     Chunks: as many rows as fit beside the state, a multiple of 128, then evened out over the chunks needed.
-    Traced (Inductor), each row also costs a [D] temporary (the out= grad_hidden matmul becomes mm + copy)."""
+    Traced (Inductor), each row also costs a [D] temporary (the out= grad_hidden matmul becomes mm + copy), and with
+    a 16-bit bias a [V] fp32 one (_logits_chunk's fp32 addmm)."""
     n = max(1, n_tokens)
     if workspace is None:
         workspace = SETTINGS.fused_workspace_bytes
@@ -492,6 +493,8 @@ def plan_fused(n_tokens: int, dim: int, num_classes: int, dtype: torch.dtype, wo
         raise ValueError(f"fused_state must be auto, fp32 or compensated, got {state!r}")
     itemsize = torch.empty((), dtype=dtype).element_size()
     row_bytes = (_chunk_stride(num_classes, traced) + (dim if traced else 0)) * itemsize
+    if traced and bias and dtype != torch.float32:
+        row_bytes += 4 * num_classes
     if n * row_bytes <= workspace:
         return FusedPlan(n, ONE_CHUNK, n * row_bytes)
     grain = _FUSED_ROW_GRAIN
@@ -539,10 +542,14 @@ def _use_cublas_fp32(plan: FusedPlan, device: torch.device, traced: bool) -> boo
     return plan.state_mode == IN_OUTPUT or _cublas_fp32_accumulate_works(str(device))
 
 
-def _logits_chunk(h_c: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int) -> Tensor:
+def _logits_chunk(h_c: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, traced: bool = False) -> Tensor:
     """[c, V] logits of a chunk of rows by cuBLAS, rounded to the input dtype exactly like F.linear (it is the same
-    addmm), in a buffer of row stride ``stride`` >= V."""
+    addmm), in a buffer of row stride ``stride`` >= V.
+    Traced with a bias: Inductor may split the addmm into mm + a pointwise bias add when its users are pointwise
+    (torch < 2.13 for 16-bit), rounding twice; the fp32 addmm then one cast keeps eager's single rounding."""
     num_classes = weight.shape[0]
+    if traced and bias is not None and h_c.dtype != torch.float32 and hasattr(torch.ops.aten.addmm, "dtype"):
+        return torch.ops.aten.addmm.dtype(bias.float(), h_c, weight.t(), torch.float32).to(h_c.dtype)
     if stride == num_classes:
         return torch.nn.functional.linear(h_c, weight, bias)
     logits = h_c.new_empty((h_c.shape[0], stride))[:, :num_classes]
@@ -603,7 +610,7 @@ def lce_fused_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targe
     bias = None if bias is None else bias.contiguous()
     grad_scale = grad_scale.to(hidden.device)            # read by the kernel on the device: no host sync
     traced = _is_traced(hidden)
-    plan = plan_fused(_hint(n_tokens), dim, num_classes, hidden.dtype, traced=traced)
+    plan = plan_fused(_hint(n_tokens), dim, num_classes, hidden.dtype, traced=traced, bias=bias is not None)
     if plan.state_mode == RECOMPUTE:  # the same results with four GEMMs and the backward's lean workspace
         loss, lse, _ = lce_forward_impl(hidden, weight, bias, target, ignore_index, softcap)
         grads = lce_backward_impl(grad_scale.expand(n_tokens), None, None, hidden, weight, bias, target, lse,
@@ -644,7 +651,7 @@ def _fused_chunks(plan, hidden, weight, bias, target, grad_scale, ignore_index, 
         r1 = min(r0 + plan.chunk_rows, n_tokens)
         first, last = i == 0, i == len(starts) - 1
         h_c = hidden[r0:r1]
-        logits = _logits_chunk(h_c, weight, bias, stride)                       # [c, V], row stride `stride`
+        logits = _logits_chunk(h_c, weight, bias, stride, traced)               # [c, V], row stride `stride`
         _softmax_grad_rows(logits, target[r0:r1], _whole_or_rows(loss, r0, r1, n_tokens),
                            _whole_or_rows(lse, r0, r1, n_tokens), grad_scale, ignore_index, softcap, traced)
         # grad_hidden of the chunk: one matmul over all V, written straight into the output (exact)
