@@ -546,10 +546,11 @@ def _logits_chunk(h_c: Tensor, weight: Tensor, bias: Optional[Tensor], stride: i
     """[c, V] logits of a chunk of rows by cuBLAS, rounded to the input dtype exactly like F.linear (it is the same
     addmm), in a buffer of row stride ``stride`` >= V.
     Traced with a bias: Inductor may split the addmm into mm + a pointwise bias add when its users are pointwise
-    (torch < 2.13 for 16-bit), rounding twice; the fp32 addmm then one cast keeps eager's single rounding."""
+    (torch < 2.13 for 16-bit), rounding twice; an fp32 matmul + the bias, then one cast, keeps eager's single
+    rounding (``aten.mm.dtype``: torch 2.11's decomposition of ``addmm.dtype`` is broken)."""
     num_classes = weight.shape[0]
-    if traced and bias is not None and h_c.dtype != torch.float32 and hasattr(torch.ops.aten.addmm, "dtype"):
-        return torch.ops.aten.addmm.dtype(bias.float(), h_c, weight.t(), torch.float32).to(h_c.dtype)
+    if traced and bias is not None and h_c.dtype != torch.float32 and hasattr(torch.ops.aten.mm, "dtype"):
+        return (torch.ops.aten.mm.dtype(h_c, weight.t(), torch.float32) + bias.float()).to(h_c.dtype)
     if stride == num_classes:
         return torch.nn.functional.linear(h_c, weight, bias)
     logits = h_c.new_empty((h_c.shape[0], stride))[:, :num_classes]
