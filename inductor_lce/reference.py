@@ -95,6 +95,33 @@ def lce_forward_reference(
     return loss, lse, sum_logits
 
 
+class _GradAccumulators:
+    """grad_hidden [N, D] (rows written once), grad_weight [V, D] and grad_bias [V] summed over row chunks in fp32
+    for 16-bit weights: the part of the backward both references share."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+        acc_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.weight, self.bias = weight, bias
+        self.grad_hidden = torch.empty_like(hidden)
+        self.grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+        self.grad_bias = None if bias is None else torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device)
+
+    def add_chunk(self, rows: slice, h: Tensor, logits: Tensor, grad_logits: Tensor, softcap: float) -> None:
+        """grad_logits [C, V] fp32 = d loss / d scores of the chunk's rows (modified in place)."""
+        if softcap:
+            grad_logits *= 1 - (logits / softcap) ** 2                      # d(c tanh(z/c))/dz
+        grad_logits_lp = grad_logits.to(h.dtype)                             # what eager feeds its mm
+        acc_dtype = self.grad_weight.dtype
+        self.grad_hidden[rows] = grad_logits_lp @ self.weight
+        self.grad_weight.addmm_(grad_logits_lp.t().to(acc_dtype), h.to(acc_dtype))
+        if self.grad_bias is not None:
+            self.grad_bias += grad_logits_lp.to(acc_dtype).sum(0)
+
+    def result(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        grad_bias = None if self.grad_bias is None else self.grad_bias.to(self.bias.dtype)
+        return self.grad_hidden, self.grad_weight.to(self.weight.dtype), grad_bias
+
+
 def lce_backward_reference(
     grad_loss: Tensor,           # [N] fp32
     grad_lse: Optional[Tensor],  # [N] fp32 or None
@@ -111,10 +138,7 @@ def lce_backward_reference(
     """grad_hidden [N, D], grad_weight [V, D], grad_bias [V] (None without bias)."""
     N, V = hidden.shape[0], weight.shape[0]
     chunk = chunk_size or chunk_rows(V)
-    grad_hidden = torch.empty_like(hidden)
-    acc_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-    grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
-    grad_bias = None if bias is None else torch.zeros(V, dtype=acc_dtype, device=weight.device)
+    grads = _GradAccumulators(hidden, weight, bias)
     for start in range(0, N, chunk):
         rows = slice(start, min(start + chunk, N))
         h = hidden[rows]
@@ -127,15 +151,8 @@ def lce_backward_reference(
         grad_logits.scatter_add_(1, torch.where(valid, y, 0).unsqueeze(1), -g.unsqueeze(1))
         if grad_sum_logits is not None:
             grad_logits += grad_sum_logits[rows].float().unsqueeze(1)
-        if softcap:
-            grad_logits *= 1 - (logits / softcap) ** 2                      # d(c tanh(z/c))/dz
-        grad_logits_lp = grad_logits.to(hidden.dtype)                        # what eager feeds its mm
-        grad_hidden[rows] = grad_logits_lp @ weight
-        grad_weight.addmm_(grad_logits_lp.t().to(acc_dtype), h.to(acc_dtype))
-        if grad_bias is not None:
-            grad_bias += grad_logits_lp.to(acc_dtype).sum(0)
-    grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
-    return grad_hidden, grad_weight.to(weight.dtype), grad_bias
+        grads.add_chunk(rows, h, logits, grad_logits, softcap)
+    return grads.result()
 
 
 def lce_fused_reference(
@@ -160,10 +177,7 @@ def lce_fused_reference(
     scale = grad_scale.float().reshape(())
     loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden)
-    acc_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-    grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
-    grad_bias = None if bias is None else torch.zeros(V, dtype=acc_dtype, device=weight.device)
+    grads = _GradAccumulators(hidden, weight, bias)
     for start in range(0, N, chunk):
         rows = slice(start, min(start + chunk, N))
         h = hidden[rows]
@@ -177,12 +191,5 @@ def lce_fused_reference(
         g = torch.where(valid, scale, 0.0)                                  # [C]
         grad_logits = torch.exp(logits - lse_c.unsqueeze(1)) * g.unsqueeze(1)
         grad_logits.scatter_add_(1, safe_y, -g.unsqueeze(1))
-        if softcap:
-            grad_logits *= 1 - (logits / softcap) ** 2                      # d(c tanh(z/c))/dz
-        grad_logits_lp = grad_logits.to(hidden.dtype)                        # what eager feeds its mm
-        grad_hidden[rows] = grad_logits_lp @ weight
-        grad_weight.addmm_(grad_logits_lp.t().to(acc_dtype), h.to(acc_dtype))
-        if grad_bias is not None:
-            grad_bias += grad_logits_lp.to(acc_dtype).sum(0)
-    grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
-    return loss, lse, grad_hidden, grad_weight.to(weight.dtype), grad_bias
+        grads.add_chunk(rows, h, logits, grad_logits, softcap)
+    return (loss, lse) + grads.result()
