@@ -26,6 +26,8 @@ device implementation is pluggable: the default kernel is the chunked reference;
 """
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -201,10 +203,11 @@ def linear_cross_entropy(
     """``F.cross_entropy(F.linear(hidden, weight, bias).float().flatten(0, -2), labels.flatten(), ...)``
     without materializing the [N, V] logits.
 
-    hidden: [..., D]; weight: [V, D]; labels: [...] (hidden's leading shape), integer.
+    hidden: [..., D]; weight: [V, D]; labels: integer, either hidden's leading shape [...] or flattened
+    like ``F.cross_entropy``'s target ([N], N = the number of hidden rows).
     ``shift=True`` scores hidden position t against ``labels[..., t + 1]`` (the causal
-    LM shift; the last position of each sequence is dropped). ``label_smoothing`` is
-    ``F.cross_entropy``'s; ``softcap=c`` scores ``c * tanh(logits / c)`` (Gemma 2).
+    LM shift; the last position of each sequence is dropped; it needs labels in hidden's leading shape).
+    ``label_smoothing`` is ``F.cross_entropy``'s; ``softcap=c`` scores ``c * tanh(logits / c)`` (Gemma 2).
     Returns float32: a scalar for ``mean`` / ``sum``, one value per scored token shaped
     like ``labels`` (or ``labels[..., 1:]`` with ``shift``) for ``none``.
     """
@@ -226,11 +229,18 @@ def linear_cross_entropy(
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
         raise RuntimeError(f"expected scalar type Long but found {labels.dtype}")
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+    n_rows = math.prod(hidden.shape[:-1])
+    flat = labels.dim() == 1 and hidden.dim() > 2 and labels.shape[0] == n_rows
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]) and not flat:
+        if labels.dim() == 1 or tuple(labels.shape[:-1]) == tuple(hidden.shape[:-2]):  # F.cross_entropy's words
+            raise ValueError(f"Expected input batch_size ({n_rows}) to match target batch_size ({labels.numel()}).")
         raise ValueError(
-            f"Expected labels of shape {tuple(hidden.shape[:-1])} (hidden's leading shape), "
-            f"got {tuple(labels.shape)}"
+            f"Expected labels of shape {tuple(hidden.shape[:-1])} (hidden's leading shape) or ({n_rows},) "
+            f"(flattened), got {tuple(labels.shape)}"
         )
+    if shift and flat:
+        raise ValueError("shift=True needs labels in hidden's leading shape (the sequence dimension), "
+                         f"got flattened labels of shape {tuple(labels.shape)}")
     if shift and labels.dim() == 0:
         raise ValueError("shift=True needs labels with a sequence dimension")
     target = shift_targets(labels, ignore_index) if shift else labels

@@ -160,3 +160,31 @@ def test_bad_input_raises(kwargs, err):
     args.update(kwargs)
     with pytest.raises(err):
         inductor_lce.linear_cross_entropy(**args, reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_flat_labels_with_3d_hidden(reduction):
+    """Labels flattened like F.cross_entropy's target ([B * T]) beside hidden [B, T, D]: the same loss and
+    gradients as labels shaped [B, T]; `none` returns one value per row, flat like the labels."""
+    h, w, b, y = _inputs((3, 5), 11, 4, torch.float64, False, -100)
+    got = inductor_lce.linear_cross_entropy(h, w, y.flatten(), reduction=reduction)
+    shaped = inductor_lce.linear_cross_entropy(h, w, y, reduction=reduction)
+    ref = F.cross_entropy(F.linear(h, w).float().flatten(0, 1), y.flatten(), reduction=reduction)
+    assert got.shape == ref.shape == (shaped.flatten() if reduction == "none" else shaped).shape
+    assert torch.equal(got, shaped.flatten() if reduction == "none" else shaped)   # the same computation
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)                     # fp32 results, like .float()
+    for a, r in zip(_grads(got, (h, w)), _grads(shaped.flatten() if reduction == "none" else shaped, (h, w))):
+        assert torch.equal(a, r)
+
+
+def test_label_shape_errors():
+    """Labels neither hidden's leading shape nor flat: F.cross_entropy's error; shift needs the sequence dim."""
+    h, w, b, y = _inputs((3, 5), 11, 4, torch.float64, False, -100)
+    with pytest.raises(ValueError, match=r"Expected input batch_size \(15\) to match target batch_size \(14\)"):
+        inductor_lce.linear_cross_entropy(h, w, y.flatten()[:14])
+    with pytest.raises(ValueError, match=r"Expected input batch_size \(15\) to match target batch_size \(14\)"):
+        F.cross_entropy(F.linear(h, w).flatten(0, 1), y.flatten()[:14])   # (the same words as eager)
+    with pytest.raises(ValueError, match="leading shape"):
+        inductor_lce.linear_cross_entropy(h, w, y.t())
+    with pytest.raises(ValueError, match="shift=True needs labels in hidden's leading shape"):
+        inductor_lce.linear_cross_entropy(h, w, y.flatten(), shift=True)
