@@ -172,3 +172,31 @@ def test_upstream_gradient_other_than_one_is_exact_in_bf16():
     h.grad = w.grad = None
     (compiled(h, w, y) * 0.25).backward()
     assert torch.equal(h.grad, g1[0] * 0.25) and torch.equal(w.grad, g1[1] * 0.25)
+
+
+def test_head_and_loss_region_recipe():
+    """README's recipe for stacks that compile the loss apart from the output projection: the loss compiled
+    alone sees the logits as an input and is left alone (skip counted); norm + output + loss compiled as one
+    region is rewritten (three GEMMs) and stays exact."""
+    torch.manual_seed(0)
+    norm = torch.nn.RMSNorm(D, dtype=torch.float64)
+    output = torch.nn.Linear(D, V, bias=False, dtype=torch.float64)
+    h, _, _, y = _inputs()
+
+    def loss_only(logits, labels):
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    def head_and_loss(h, labels):
+        return loss_only(output(norm(h)), labels)
+
+    counters.clear()
+    torch.compile(loss_only, options=inductor_lce.options())(output(norm(h)), y).backward()
+    assert rewrites() == 0 and skips(), dict(counters["inductor_lce"])
+    params = [h, norm.weight, output.weight]
+    ref, ref_grads = _grads(head_and_loss, params, (h, y))
+    counters.clear()
+    out, grads = _grads(torch.compile(head_and_loss, options=inductor_lce.options()), params, (h, y))
+    assert rewrites() == 1 and counters["inductor_lce"]["algorithm_three_gemm"] == 1, dict(counters["inductor_lce"])
+    assert rel_err(out, ref) < 1e-6
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) < 1e-6
