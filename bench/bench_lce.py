@@ -482,16 +482,24 @@ def sweep(shapes):
         lo = torch.zeros(V, D, device=DEV, dtype=torch.int8)
         padded = stride % I._max_block_m(I.matmul_accumulate_kernels["grad_weight"][0]) == 0
 
-        def accumulate(mode, state):
-            return lambda: I._matmul_accumulate("grad_weight", gl_t, h_c, gw, state, mode=mode, first=False,
-                                                last=False, m_key=I._bucket(V), k_key=I._bucket(c), a_padded=padded)
+        def accumulate(mode, state, kernel):
+            def run():
+                saved, I.SETTINGS.fused_grad_weight_kernel = I.SETTINGS.fused_grad_weight_kernel, kernel
+                try:
+                    I._matmul_accumulate("grad_weight", gl_t, h_c, gw, state, mode=mode, first=False, last=False,
+                                         m_key=I._bucket(V), k_key=I._bucket(c), a_padded=padded)
+                finally:
+                    I.SETTINGS.fused_grad_weight_kernel = saved
+            return run
 
         pieces = [("logits_mm_cublas", lambda: I._logits_chunk(h_c, w, None, stride)),
                   ("softmax_grad_rows", lambda: I._softmax_grad_rows(logits, y_c, loss, lse, scale, -100, 0.0, False)),
                   ("grad_hidden_mm_cublas", lambda: torch.mm(logits, w, out=gh)),
                   ("grad_weight_mm_cublas_bf16_overwrite", lambda: torch.mm(gl_t, h_c, out=gw)),
-                  ("grad_weight_mm_triton_fp32", accumulate(I.MODE_FP32, st32)),
-                  ("grad_weight_mm_triton_compensated", accumulate(I.MODE_COMPENSATED, lo))]
+                  ("grad_weight_mm_triton_fp32", accumulate(I.MODE_FP32, st32, "pointer")),
+                  ("grad_weight_mm_triton_compensated", accumulate(I.MODE_COMPENSATED, lo, "pointer")),
+                  ("grad_weight_mm_triton_tma_fp32", accumulate(I.MODE_FP32, st32, "tma")),
+                  ("grad_weight_mm_triton_tma_compensated", accumulate(I.MODE_COMPENSATED, lo, "tma"))]
         if I._cublas_fp32_accumulate_works(DEV):
             pieces.append(("grad_weight_mm_cublas_fp32_addmm",
                            lambda: torch.ops.aten.addmm.dtype_out(st32, gl_t, h_c, torch.float32, out=st32)))

@@ -273,6 +273,34 @@ def tanh_probe_inputs():
     return torch.cat([mag, -mag, torch.tensor([0.55, 0.5499999, 0.5500001])]).float()
 
 
+def _grad_weight_kernels_interpreted():
+    """{state: (outputs with the TMA kernel, outputs with the pointer kernel, TMA launches)} of the fused op over
+    several chunks, ragged in every dim (V = 300, D = 48, last chunk 8 of 200 rows)."""
+    from inductor_lce.lowerings import lce_triton
+
+    launches = []
+    orig = lce_triton._launch_tma
+
+    def counting(*args, **kwargs):
+        launches.append(kwargs["mode"])
+        return orig(*args, **kwargs)
+
+    inputs = fused_inputs(200, 48, 300, torch.bfloat16, False, 0.1, -100, "mean", seed=3)
+    out = {}
+    lce_triton._launch_tma = counting
+    try:
+        for state, workspace in (("compensated", 60000), ("fp32", 80000)):
+            launches.clear()
+            settings = dict(fused_state=state, fused_workspace_bytes=workspace)
+            tma, plan = run_fused(inputs, -100, dict(settings, fused_grad_weight_kernel="tma"))
+            n_tma = len(launches)
+            pointer, _ = run_fused(inputs, -100, dict(settings, fused_grad_weight_kernel="pointer"))
+            out[state] = (tma, pointer, n_tma, plan, len(launches) - n_tma)
+    finally:
+        lce_triton._launch_tma = orig
+    return out
+
+
 def _worker(out_path):
     """Subprocess body (TRITON_INTERPRET=1 is set before anything imports triton)."""
     torch.set_num_threads(1)
@@ -285,6 +313,7 @@ def _worker(out_path):
     for name, fused in FUSED_CASES.items():
         c = fused.case
         results[name] = run_fused(fused_case_inputs(fused), c.ignore_index, c.settings, c.softcap)
+    results["__grad_weight_tma__"] = _grad_weight_kernels_interpreted()
     x = tanh_probe_inputs()
     y = torch.empty_like(x)
     _tanh_probe_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
@@ -582,6 +611,21 @@ def test_fused_traces_with_fake_tensors():
         L.SETTINGS.fused_workspace_bytes = saved
 
 
+def test_interpreted_grad_weight_tma_matches_pointer_kernel(interpreted):
+    """matmul_accumulate_tma.py (persistent, TMA descriptors) against matmul_accumulate.py in both state modes:
+    every accumulating launch of a multi-chunk plan takes the TMA kernel, the results are bitwise equal, and
+    they match reference.py (check_fused_outputs)."""
+    for state, (tma, pointer, n_tma, plan, n_pointer_tma) in interpreted["__grad_weight_tma__"].items():
+        state_mode, chunk_rows = plan
+        assert state_mode == state and chunk_rows < 200, plan
+        # one launch per chunk, the first accumulating one in two row spans (_tuning_split); none when "pointer"
+        assert n_tma == -(-200 // chunk_rows) + 1 and n_pointer_tma == 0, (state, n_tma, n_pointer_tma)
+        for a, b in zip(tma, pointer):
+            assert torch.equal(a, b), state
+        check_fused_outputs(tma, fused_inputs(200, 48, 300, torch.bfloat16, False, 0.1, -100, "mean", seed=3), -100,
+                            f"tma {state}")
+
+
 def test_interpreted_tanh_accuracy(interpreted):
     """The kernels' fp32 tanh (``_tanh.tanh_f32``, exp2 + polynomial) against float64, next to torch.tanh:
     measured 1.6 ulps at most (torch.tanh on the CPU: 0.51); +-1 exactly where it saturates, odd, tanh(0) = 0."""
@@ -675,6 +719,13 @@ def _sm90_builds():
                     f32)]
     builds.append(("matmul_accumulate", dict(MODE=1, FIRST=True, LAST=False, EVEN_M=False, EVEN_N=False,
                                              EVEN_K=False, **as_gw, **blk(c)), c, True, i8))
+    for c in configs("grad_weight_tma"):  # persistent TMA variant: descriptors typed with the config's boxes
+        kw = blk(c)
+        descs = {"a_t_desc": f"tensordesc<bf16[{kw['BLOCK_K']},{kw['BLOCK_M']}]>",
+                 "b_desc": f"tensordesc<bf16[{kw['BLOCK_K']},{kw['BLOCK_N']}]>"}
+        for mode, state in ((1, i8), (0, f32)):
+            builds.append(("matmul_accumulate_tma", dict(MODE=mode, FIRST=False, LAST=False, GROUP_M=8, NUM_SMS=132,
+                                                         **common, **kw), c, True, dict(state, **descs)))
     for c in row_configs("softmax_grad_rows"):
         for cap in (plain, capped):
             builds.append(("softmax_grad_rows", dict(EMULATE_ROUNDING=False, **cap, **blk(c)), c, False, {}))
@@ -702,6 +753,9 @@ def test_kernels_build_for_hopper_offline():
         kernel = compile_sm90(fn, const, warps, stages, ptr_types=types, scalar_types={"softcap": "fp64"})
         if gemm:
             assert "wgmma.mma_async" in kernel.asm["ptx"], name
+        if name.endswith("_tma"):
+            assert "cp.async.bulk.tensor" in kernel.asm["ptx"], name           # TMA loads
+            assert kernel.metadata.shared <= 227 * 1024, (name, const, kernel.metadata.shared)  # sm_90's limit
         report = ptxas_report(kernel)
         # (grad_logits, the opt-in Settings.grad_logits="fused" variant, spills at 128x256: 0.7-3 KB, as before)
         assert report["spill_bytes"] == 0 or name == "grad_logits", (name, const, report)

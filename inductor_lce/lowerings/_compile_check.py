@@ -35,10 +35,12 @@ def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, ptr_type
             sig[a] = "constexpr"
         elif a.endswith("_ptr"):
             sig[a] = types.get(a, "*" + dtype)
+        elif a.endswith("_desc"):   # TMA descriptors: the caller names the type, e.g. "tensordesc<bf16[64,128]>"
+            sig[a] = types[a]
         else:
             sig[a] = scalars.get(a, "i32")
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-             if sig[a] not in ("constexpr", "fp32", "fp64") and a != "ignore_index"}
+             if sig[a] not in ("constexpr", "fp32", "fp64") and a != "ignore_index" and not a.endswith("_desc")}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))

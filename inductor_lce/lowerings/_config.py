@@ -63,6 +63,7 @@ LN2 = 0.6931471805599453
 _NARROW = dict(PREFETCH=True, EPILOGUE_SPLIT=1)
 _WIDE = dict(PREFETCH=False, EPILOGUE_SPLIT=2)
 _MATMUL_ACCUMULATE = ("grad_hidden", "grad_weight")
+_SPLIT1, _SPLIT2 = dict(EPILOGUE_SPLIT=1), dict(EPILOGUE_SPLIT=2)
 
 
 def _cfg(bm, bn, bk, warps, stages, **extra):
@@ -77,6 +78,8 @@ def _from_env(name):
     if not spec:
         return None
     values = [int(x) for x in spec.split(",")]
+    if name == "grad_weight_tma":  # (its sixth value: EPILOGUE_SPLIT)
+        return [_cfg(*values[:5], EPILOGUE_SPLIT=values[5] if len(values) > 5 else 1)]
     extra = dict(PREFETCH=bool(values[5]), EPILOGUE_SPLIT=values[6]) if len(values) > 5 else {}
     if name in _MATMUL_ACCUMULATE:
         extra = extra or _NARROW
@@ -85,13 +88,14 @@ def _from_env(name):
 
 def configs(kernel: str) -> list:
     """Autotuning configs for one of 'lse_forward', 'grad_logits', 'grad_hidden', 'grad_weight' (the last two:
-    the matmul_accumulate kernel as the recompute backward's grad_hidden and as the fused op's grad_weight)."""
+    the matmul_accumulate kernel as the recompute backward's grad_hidden and as the fused op's grad_weight),
+    'grad_weight_tma' (matmul_accumulate_tma.py)."""
     pinned = _from_env(kernel)
     if pinned:
         return pinned
     if INTERPRET:  # BLOCK_N 64 > the interpreted slab/split grain (32): partial tiles inside slabs get tested
         # (grad_weight: the wide-tile variant, so both epilogues of matmul_accumulate run)
-        extra = {"grad_weight": _WIDE, "grad_hidden": _NARROW}.get(kernel, {})
+        extra = {"grad_weight": _WIDE, "grad_hidden": _NARROW, "grad_weight_tma": dict(EPILOGUE_SPLIT=2)}.get(kernel, {})
         return [_cfg(16, 64, 16, 1, 1, **extra)]
     # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, extra constexprs]); BLOCK_M tiles tokens (grad_weight:
     # classes).
@@ -109,6 +113,10 @@ def configs(kernel: str) -> list:
         "grad_weight": [(128, 256, 64, 8, 3, _WIDE), (128, 256, 64, 8, 4, _WIDE), (256, 128, 64, 8, 3, _WIDE),
                         (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 128, 64, 8, 3),
                         (128, 256, 64, 8, 2, _WIDE)],
+        # matmul_accumulate_tma.py (persistent, TMA operands): the state is read after the K loop, the wide
+        # tiles fold it in two column halves
+        # tiles (0 spills, <= 213 KB of shared memory in both modes: offline sm_90 build, tests/test_kernels.py)
+        "grad_weight_tma": [(128, 256, 64, 8, 3, _SPLIT2), (256, 128, 64, 8, 3, _SPLIT2), (128, 128, 64, 8, 4, _SPLIT1)],
     }[kernel]
     default = _NARROW if kernel in _MATMUL_ACCUMULATE else {}
     return [_cfg(*t[:5], **(t[5] if len(t) > 5 else default)) for t in table]

@@ -46,12 +46,18 @@ from torch.library import wrap_triton
 
 import triton
 
+try:  # host-side TMA descriptors (matmul_accumulate_tma.py)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the pointer kernel everywhere
+    TensorDescriptor = None
+
 from ._config import DOT_FP32, INTERPRET, LN2
 from .grad_logits import grad_logits_kernel
 from .grad_logits_inplace import grad_logits_inplace_kernel
 from .lse_forward import lse_forward_kernel
 from .lse_update import lse_update_kernel
 from .matmul_accumulate import matmul_accumulate_kernels
+from .matmul_accumulate_tma import matmul_accumulate_tma_kernels
 from .softmax_grad_rows import softmax_grad_rows_kernel
 
 __all__ = ["Settings", "SETTINGS", "lce_forward_impl", "lce_backward_impl", "lce_fused_impl", "plan_backward",
@@ -83,6 +89,8 @@ class Settings:
     # fp32 grad_weight accumulation (fp32 state, fp32 weights) on CUDA: cuBLAS (aten::addmm.dtype_out, where this
     # torch has it and it works) or the Triton matmul_accumulate kernel
     fused_fp32_gemm: str = os.environ.get("INDUCTOR_LCE_FUSED_FP32_GEMM", "cublas")   # cublas | triton
+    # the fused op's Triton grad_weight accumulation: "tma" (matmul_accumulate_tma.py, where TMA applies) | "pointer"
+    fused_grad_weight_kernel: str = os.environ.get("INDUCTOR_LCE_FUSED_GRAD_WEIGHT_KERNEL", "tma")
 
 
 SETTINGS = Settings()
@@ -367,7 +375,8 @@ def _matmul_accumulate(use: str, a: Tensor, b: Tensor, out: Tensor, state: Tenso
     ``a_padded``: a's storage holds rows up to a multiple of the largest BLOCK_M (unmasked loads).
     A FIRST launch reads no state: its tuner saves nothing (replays write the same values). The others do: the
     first of them per key runs on its first rows alone (about two waves of the largest tile), see _tuning_split."""
-    first_kernel, later_kernel = matmul_accumulate_kernels[use]
+    tma = use == "grad_weight" and _tma_applies(a, b, traced)
+    first_kernel, later_kernel = matmul_accumulate_tma_kernels if tma else matmul_accumulate_kernels[use]
     kernel = first_kernel if first else later_kernel
     M, K = a.shape
     N = b.shape[1]
@@ -378,10 +387,13 @@ def _matmul_accumulate(use: str, a: Tensor, b: Tensor, out: Tensor, state: Tenso
         head = _cdiv(2 * _num_sms(str(a.device)) * tile, max(1, N))
         head = M // 2 if INTERPRET else head   # (interpreted: small problems, still run the split launch)
         head = max(grain, _cdiv(head, grain) * grain)
-        key = ("matmul_accumulate", use, N, m_key, k_key, a.dtype, b.dtype, state.dtype, out.dtype)
+        key = ("matmul_accumulate", use, tma, N, m_key, k_key, a.dtype, b.dtype, state.dtype, out.dtype)
         spans = _tuning_split(key, M, head, traced)
     for m0, m1 in spans:
         a_s, out_s, state_s = (t if len(spans) == 1 else t[m0:m1] for t in (a, out, state))
+        if tma:
+            _launch_tma(kernel, a_s, b, state_s, out_s, mode=mode, first=first, last=last, m_key=m_key, k_key=k_key)
+            continue
 
         def grid(meta, rows=m1 - m0):
             return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -393,6 +405,36 @@ def _matmul_accumulate(use: str, a: Tensor, b: Tensor, out: Tensor, state: Tenso
             EVEN_K=K % _max_block_k(kernel) == 0, DOT_FP32=DOT_FP32, DOT_PRECISION=_dot_precision(b.dtype),
             GROUP_M=_GROUP_M,
         )
+
+
+def _tma_applies(a: Tensor, b: Tensor, traced: bool) -> bool:
+    """Whether matmul_accumulate_tma.py can run out += a @ b: eager (Inductor's tracing of descriptor arguments is
+    not relied on), sm_90+ or the interpreter, a M-major and b row-major with 16-byte aligned rows and bases."""
+    if SETTINGS.fused_grad_weight_kernel not in ("tma", "pointer"):
+        raise ValueError(f"fused_grad_weight_kernel must be tma or pointer, got {SETTINGS.fused_grad_weight_kernel!r}")
+    if SETTINGS.fused_grad_weight_kernel != "tma" or traced or TensorDescriptor is None:
+        return False
+    if not INTERPRET and (a.device.type != "cuda" or torch.cuda.get_device_capability(a.device)[0] < 9):
+        return False
+    aligned = all((t.stride(i) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0 for t, i in ((a, 1), (b, 0)))
+    return a.stride(0) == 1 and b.stride(1) == 1 and aligned
+
+
+def _launch_tma(kernel, a: Tensor, b: Tensor, state: Tensor, out: Tensor, *, mode: int, first: bool, last: bool,
+                m_key: int, k_key: int) -> None:
+    """One launch of matmul_accumulate_tma.py: out (+)= a @ b, a [M, K] M-major (read as a.t(), row-major)."""
+    M, K = a.shape
+    N = b.shape[1]
+    num_sms = _num_sms(str(a.device))
+    a_t_desc = TensorDescriptor.from_tensor(a.t(), [16, 16])   # boxes set per config (its pre-hook)
+    b_desc = TensorDescriptor.from_tensor(b, [16, 16])
+
+    def grid(meta):
+        return (min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+
+    kernel[grid](a_t_desc, b_desc, state, state, out, M, N, K, m_key, k_key, state.stride(0), out.stride(0),
+                 MODE=mode, FIRST=first, LAST=last, DOT_FP32=DOT_FP32, DOT_PRECISION=_dot_precision(b.dtype),
+                 GROUP_M=_GROUP_M, NUM_SMS=num_sms)
 
 
 def _grad_logits_slab(hidden, weight, bias, target, lse, grad_loss, grad_lse, grad_sum_logits, grad_bias_acc,

@@ -1,0 +1,90 @@
+"""out[M, N] (+)= A[M, K] @ B[K, N] through a running state: the persistent, TMA-fed form of matmul_accumulate.py
+for the fused op's grad_weight (A = the grad_logits chunk transposed, M = V, K = chunk rows, N = D).
+
+    acc[m, n] = sum_k A[m, k] * B[k, n]          # [BLOCK_M, BLOCK_N] tile by tl.dot, fp32
+    then matmul_accumulate.py's epilogue: MODE 0 (fp32 state) / MODE 1 (compensated hi + int8 lo), FIRST / LAST
+
+What differs from matmul_accumulate.py:
+* operands through host-side TMA descriptors: A as the row-major [K, M] tensor it is the transpose of (the logits
+  chunk [c, V]), boxes [BLOCK_K, BLOCK_M] transposed in shared memory for tl.dot, and B [K, N] row-major, boxes
+  [BLOCK_K, BLOCK_N]; the boxes past the tensor's end read zeros (no masks);
+* persistent: NUM_SMS programs walk the tile numbers pid, pid + NUM_SMS, ... (grouped like _grid.grouped_tile), and
+  the tile x K loop is flattened, so the pipeliner issues the next tile's loads while this tile's epilogue reads
+  and writes the state (the non-persistent kernel leaves the tensor cores idle during that traffic: 6-8 bytes per
+  element of out per launch, bench/NOTES.md, "Issue 8").
+The host (lce_triton._matmul_accumulate) takes it where TMA applies (16-byte aligned rows and bases, sm_90 or the
+interpreter) and uses matmul_accumulate.py elsewhere. Grid: (min(NUM_SMS, number of tiles),).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._config import configs
+from ._grid import grouped_tile_of
+from .matmul_accumulate import _epilogue
+
+
+@triton.jit
+def matmul_accumulate_tma_kernel_jit(
+    a_t_desc, b_desc,                                  # A^T [K, M] and B [K, N], row-major, TMA descriptors
+    state_ptr, lo_ptr, out_ptr,                        # MODE 0: fp32 [M, N]; MODE 1: int8 [M, N] (out's strides); out
+    M, N, K, m_bucket, k_bucket,                       # (m_bucket, k_bucket: autotuning keys only)
+    stride_state, stride_out,
+    MODE: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr, NUM_SMS: tl.constexpr,
+):
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    local_rows = tl.arange(0, BLOCK_M)
+    for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
+        pid_m, pid_n = grouped_tile_of(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        row0 = pid_m * BLOCK_M
+        col0 = pid_n * BLOCK_N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for ki in range(k_tiles):
+            a = a_t_desc.load([ki * BLOCK_K, row0]).T                     # [BLOCK_M, BLOCK_K]
+            b = b_desc.load([ki * BLOCK_K, col0])                         # [BLOCK_K, BLOCK_N]
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        row_ok = row0 + local_rows < M
+        if EPILOGUE_SPLIT == 1:
+            _epilogue(acc, 0.0, 0.0, out_ptr, state_ptr, lo_ptr, row0, local_rows, row_ok, col0, N,
+                      stride_state, stride_out, BLOCK_N, MODE, FIRST, LAST, False, DOT_FP32)
+        else:
+            tl.static_assert(EPILOGUE_SPLIT == 2, "EPILOGUE_SPLIT: 1 or 2")
+            half: tl.constexpr = BLOCK_N // 2
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, half)), (0, 2, 1)))
+            _epilogue(acc0, 0.0, 0.0, out_ptr, state_ptr, lo_ptr, row0, local_rows, row_ok, col0, N,
+                      stride_state, stride_out, half, MODE, FIRST, LAST, False, DOT_FP32)
+            _epilogue(acc1, 0.0, 0.0, out_ptr, state_ptr, lo_ptr, row0, local_rows, row_ok, col0 + half, N,
+                      stride_state, stride_out, half, MODE, FIRST, LAST, False, DOT_FP32)
+
+
+def _set_boxes(nargs):
+    """Config pre-hook: the descriptors' box shapes follow the config's tile."""
+    nargs["a_t_desc"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_M"]]
+    nargs["b_desc"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_N"]]
+
+
+def _tma_configs() -> list:
+    out = []
+    for c in configs("grad_weight_tma"):
+        c.pre_hook = _set_boxes
+        out.append(c)
+    return out
+
+
+def _autotuned(first: bool):
+    # restore_value as in matmul_accumulate.py: a FIRST launch reads no state, so its tuner saves no copy
+    return triton.autotune(configs=_tma_configs(), key=["N", "m_bucket", "k_bucket"],
+                           restore_value=None if first else ["state_ptr", "lo_ptr", "out_ptr"])(
+        matmul_accumulate_tma_kernel_jit)
+
+
+# (tuner for FIRST launches, tuner for the others)
+matmul_accumulate_tma_kernels = (_autotuned(True), _autotuned(False))
