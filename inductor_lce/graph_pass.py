@@ -29,9 +29,12 @@ left alone and counted in ``counters["inductor_lce"]["skip_<reason>"]``.
 """
 from __future__ import annotations
 
+import collections
+import json
 import logging
 import operator
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -42,6 +45,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch.fx import Graph, Node
 
 from . import ops  # noqa: F401  (registers torch.ops.inductor_lce)
+from . import skips
 from .patterns.common import NoMatch, aten, dtype, is_op, prims, same_size, shape
 from .patterns.label_smoothing import ClassSum, match_class_sum, split_class_sum_grad
 from .patterns.log_softmax import LogSoftmax, match_log_softmax, match_log_softmax_backward, aliases
@@ -80,15 +84,85 @@ class Site:
 
     @property
     def location(self) -> str:
-        """The user's source line that computed the log-softmax (from the node's stack trace)."""
-        trace = (self.log_softmax.output.meta.get("stack_trace") or "").strip().splitlines()
-        frames = [l.strip() for l in trace if l.strip().startswith("File ")]
-        return frames[-1] if frames else ""
+        """Where the user's code computed the cross-entropy: ``path:line in function``."""
+        return source(self.log_softmax.output)[0]
 
     @property
     def name(self) -> str:
+        """The site for logs: the user's line, or the node (a graph without stack traces)."""
         where = self.location
-        return self.log_softmax.output.name + (f" ({where})" if where else "")
+        return f"at {where}" if where else f"{self.log_softmax.output.name} [{_fmt_shape(self.log_softmax.input)}]"
+
+
+_FRAME = re.compile(r'\s*File "(.+)", line (\d+), in (.+)')
+
+
+def source(node: Node) -> tuple:
+    """(``path:line in function``, the line's code) of the user's code that computed ``node``, from
+    its stack trace (``("", "")`` when it has none). Paths under the working directory are relative."""
+    lines = (node.meta.get("stack_trace") or "").rstrip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        m = _FRAME.match(lines[i])
+        if m is None:
+            continue
+        path = m.group(1)
+        try:
+            rel = os.path.relpath(path)
+            path = rel if not rel.startswith("..") else path
+        except ValueError:
+            pass
+        code = lines[i + 1].strip() if i + 1 < len(lines) and not _FRAME.match(lines[i + 1]) else ""
+        return f"{path}:{m.group(2)} in {m.group(3)}", code
+    return "", ""
+
+
+def _fmt_shape(node: Node) -> str:
+    v = node.meta.get("val") if isinstance(node, Node) else None
+    if not isinstance(v, torch.Tensor):
+        return "?"
+    return f"{list(v.shape)} {str(v.dtype).replace('torch.', '')}".replace("'", "")
+
+
+def describe(node: Node, site: Optional["Site"] = None) -> str:
+    """A graph node in the user's terms: its shape and dtype and the line of code that made it
+    (left out when it is the site's own line), never its graph name alone."""
+    if node.op == "output":
+        return "the compiled region's output"
+    text = _fmt_shape(node)
+    if node.op == "placeholder":
+        return f"an input of the compiled region ({text})"
+    where, code = source(node)
+    if not where:
+        return f"a {text} tensor ({_op_name(node)})"
+    if site is not None and where == site.location:
+        return f"a {text} tensor on the same line"
+    return f"a {text} tensor from `{code}` ({where})"
+
+
+def _op_name(node: Node) -> str:
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    packet = getattr(target, "overloadpacket", None)
+    return getattr(packet, "__name__", name) if packet is not None else name
+
+
+# a node's name in a matcher's message: with a numeric suffix anywhere (view_21, amax_1); without one (the first
+# node of an op is named after it: amax, mm) only where the message names a node, not an op ("amax is read by ...")
+_NODE_NAME = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*_\d+\b"
+                        r"|^[A-Za-z_][A-Za-z0-9_]*(?= (?:is|does) )|(?<=by )[A-Za-z_][A-Za-z0-9_]*\b"
+                        r"|(?<=\()[A-Za-z_][A-Za-z0-9_]*(?=\))")
+
+
+def humanize(detail: str, graph: Graph, site: Optional["Site"] = None) -> str:
+    """Graph node names in a matcher's message (``view_21 is read by amax_1``) -> ``describe(node)``."""
+    if not detail:
+        return detail
+    nodes = {n.name: n for n in graph.nodes}
+    parts = detail.split("`")  # odd parts are the user's code (from describe): left as written
+    for i in range(0, len(parts), 2):
+        parts[i] = _NODE_NAME.sub(lambda m: describe(nodes[m.group(0)], site) if m.group(0) in nodes else m.group(0),
+                                  parts[i])
+    return "`".join(parts)
 
 
 def find_sites(graph: Graph) -> list:
@@ -123,7 +197,7 @@ def analyze(site: Site, low_precision_logits: bool = False) -> Site:
             site.cast = views[0]
         log_probs = views[0]
         site.post_views.append(log_probs)
-    site.class_sum = _check_log_softmax_users(lsm, site.post_views, log_probs)
+    site.class_sum = _check_log_softmax_users(site, log_probs)
     gathers = [u for u in log_probs.users if is_op(u, aten.gather.default)]
     if len(gathers) != 1:
         raise NoMatch("no_nll" if not gathers else "log_softmax_other_users")
@@ -132,13 +206,16 @@ def analyze(site: Site, low_precision_logits: bool = False) -> Site:
     site.lse_uses = _match_lse_uses(site)
     for node in chain.nodes + lsm.nodes + site.post_views + site.nll.nodes:
         if any(u.op == "output" for u in node.users):
-            raise NoMatch("logits_returned", f"{node.name} is a graph output")
+            what = "the logits" if node in chain.nodes else "the per-token loss" if node in site.nll.nodes \
+                else "the log-probs"
+            raise NoMatch("logits_returned", f"{what} ({describe(node, site)}) are an output of the compiled region")
     readers = set(chain.nodes) | set(lsm.nodes) | set(saved_tanh(chain.softcap) if chain.softcap else ())
     readers |= {n for lse in site.lse_uses for n in lse.nodes + lse.grad_nodes + [lse.output]}
     for node in chain.nodes:
         for u in node.users:
             if u not in readers and not is_op(u, aten.sym_size.int):
-                raise NoMatch("logits_other_users", f"{node.name} is read outside the loss (by {u.name})")
+                raise NoMatch("logits_other_users",
+                              f"the logits ({describe(node, site)}) are also read by {describe(u, site)}")
     backwards = match_log_softmax_backward(lsm, site.cast)
     if len(backwards) > 1:
         raise NoMatch("log_softmax_other_users", "several backward uses")
@@ -185,7 +262,7 @@ def choose_algorithm(site: Site, lean: bool = False) -> Site:
         uniform = match_uniform_grad(_grad_value(site.backward[1].grad_tok))
         _check_hoistable(site, uniform.factors)
     except NoMatch as e:
-        site.algorithm, site.why = RECOMPUTE, e.detail or e.reason
+        site.algorithm, site.why = RECOMPUTE, humanize(e.detail, site.log_softmax.output.graph, site) or e.reason
         return site
     site.algorithm, site.why, site.uniform = THREE_GEMM, "same incoming gradient for every token", uniform
     return site
@@ -214,7 +291,7 @@ def _check_hoistable(site: Site, factors: list) -> None:
     region = set(internal) | set(outputs)
     for node in _nodes_to_hoist(site.nll.loss_tok, factors):
         if node in region or node.op != "call_function":
-            raise NoMatch("per_token_grad", f"the gradient's scale {node.name} needs the loss itself")
+            raise NoMatch("per_token_grad", f"the gradient's scale ({describe(node, site)}) needs the loss itself")
 
 
 def _match_lse_uses(site: Site) -> list:
@@ -226,19 +303,23 @@ def _match_lse_uses(site: Site) -> list:
             if not is_op(user, aten.amax.default, aten.logsumexp.default) or user in lsm.nodes:
                 continue
             if not chain.scored(node):
-                raise NoMatch("logits_other_users", f"logsumexp of {node.name}: not the scored fp32 logits")
+                raise NoMatch("logits_other_users", f"a logsumexp reads logits that are not the scored fp32 ones "
+                                                    f"({describe(node, site)})")
             lse = match_logsumexp(node, user)
             match_logsumexp_backward(lse)
             found.append(lse)
     return found
 
 
-def _check_log_softmax_users(lsm: LogSoftmax, post_views: list, log_probs: Node) -> Optional[ClassSum]:
+def _check_log_softmax_users(site: Site, log_probs: Node) -> Optional[ClassSum]:
     """In the forward, log-probs feed one gather (and aliases saved for backward), and at most one
     sum over the classes (label smoothing); say why not. Returns that sum."""
+    lsm, post_views = site.log_softmax, site.post_views
     for node in lsm.nodes[:-1]:
-        if any(u not in lsm.nodes for u in node.users):
-            raise NoMatch("log_softmax_other_users", f"{node.name} is read outside the log-softmax")
+        outside = [u for u in node.users if u not in lsm.nodes]
+        if outside:
+            raise NoMatch("log_softmax_other_users", f"a step of the log-softmax ({describe(node, site)}) is "
+                                                     f"also read by {describe(outside[0], site)}")
     class_sum = None
     for user in [u for n in [lsm.output] + post_views for u in n.users]:
         if is_op(user, aten.gather.default, aten.alias.default) or user in post_views:
@@ -255,7 +336,7 @@ def _check_log_softmax_users(lsm: LogSoftmax, post_views: list, log_probs: Node)
         if is_op(user, aten.sum.dim_IntList, aten.mean.dim, aten.sum.default, aten.mean.default):
             raise NoMatch("label_smoothing", "the log-probs are reduced in a form not fused "
                                              "(only one sum over the classes of what the loss reads)")
-        raise NoMatch("log_softmax_other_users", f"{lsm.output.name} is also read by {user.name}")
+        raise NoMatch("log_softmax_other_users", f"the log-probs are also read by {describe(user, site)}")
     return class_sum
 
 
@@ -290,7 +371,8 @@ def _check_users(site: Site) -> None:
         for user in node.users:
             if user in allowed or is_op(node, aten.sym_size.int):
                 continue
-            raise NoMatch("logits_other_users", f"{node.name} is also read by {user.name}")
+            raise NoMatch("logits_other_users", f"{describe(node, site)} inside the loss is also read by "
+                                                f"{describe(user, site)}")
 
 
 def graph_kind(graph: Graph) -> str:
@@ -530,7 +612,8 @@ def _repoint_sizes(site: Site, sources: list) -> None:
             node.args = (src, dims[0])
             break
         else:
-            raise NoMatch("dynamic_size_use", f"{node.name} has no surviving source")
+            raise NoMatch("dynamic_size_use", f"size {node.args[1]} of {describe(node.args[0], site)} is needed "
+                                              "after the rewrite and no surviving tensor has it")
 
 
 
@@ -556,24 +639,176 @@ def _fake_mode(graph: Graph):
     vals = [n.meta.get("val") for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
     return detect_fake_mode(vals)
 
+# --------------------------------------------------------------------------- counting and the report
+#
+# Every decision on a site is an *entry*: a dict with decision ("rewritten" / "skipped"), reason, algorithm,
+# detail, where / code (the user's line), shape (the logits') and graph (its kind). Counting an entry adds
+# one to ``counters["inductor"]["inductor_lce {entry as JSON}"]`` and applies it: counters["inductor_lce"]
+# (rewrites, algorithm_*, skip_*), REPORT (for explain) and, for a replayed one, the log.
+#
+# Why counters["inductor"]: while Inductor compiles an FX graph, it records what the compile added to
+# counters["inductor"] in the compiled artifact (CompiledFxGraph.counter_deltas) and adds it again whenever the
+# FX graph cache serves that graph, from disk or memory; the AOTAutograd cache loads its graphs through the same
+# path (FxGraphCache.cache_hit_post_compile). So an entry counted during that compile, i.e. from the post-grad
+# slot, comes back with every cache hit. The joint-graph slot runs earlier, in AOTAutograd: its entries wait in
+# _PENDING until the post-grad instance that options() / install() / the backend put behind it counts them while
+# Inductor compiles the forward (or inference) graph. Without such an instance they are counted at once (and not
+# replayed on hits). When the FX graph cache serves that forward graph instead (AOTAutograd cache off or missed),
+# the hit replays the entries of the first compile and the waiting ones are dropped; entries nobody counted for
+# another reason (the graph compiled in a subprocess, a failed compile) are counted at the end (``_settle``).
+# ``sync()`` applies the entries a cache hit replayed (what counters["inductor"] holds beyond what was applied);
+# it runs at the end of every Dynamo compile (torch._dynamo.callback) and from explain(). torch._dynamo.reset()
+# clears Dynamo's callbacks, so uuid(), which Inductor calls for its cache keys on every compile, hit or miss,
+# registers it again. Nothing here changes a graph or a cache key. Checked with torch 2.11 and 2.13; where a torch
+# lacks the callbacks, replayed entries are applied at the next compile or explain().
 
-# --------------------------------------------------------------------------- the pass
+_KEY = "inductor_lce "
+_JUDGED = "inductor_lce_judged"     # node.meta mark on a skipped site's log-softmax: judged once, counted once
 
+# Every decision on a site, for ``inductor_lce.explain``: entries plus site, hint and cached (replayed by a cache hit).
+REPORT: list = []
+_PENDING: list = []                 # (compile id, FX graph cache hits then, entry): joint-slot decisions to count
+_applied = {"counter": None, "seen": collections.Counter()}
 _warned_post_grad_training = False
 
 
-def _count(key: str, n: int = 1) -> None:
-    counters["inductor_lce"][key] += n
+def _compile_id() -> Optional[str]:
+    try:
+        from torch._guards import CompileContext
+
+        cid = CompileContext.current_compile_id()
+    except Exception:  # no compile context (the pass called by hand), or an older API
+        return None
+    return None if cid is None else str(cid)
 
 
-# Every decision on a site, for ``inductor_lce.explain``: dicts with site, where, decision, reason, detail.
-REPORT: list = []
+def _entry(site: Site, kind: str, decision: str, reason: str, detail: str = "", algorithm: str = "") -> dict:
+    where, code = source(site.log_softmax.output)
+    return dict(decision=decision, reason=reason, algorithm=algorithm, detail=detail, where=where, code=code,
+                shape=_fmt_shape(site.log_softmax.input), graph=kind)
 
 
-def _report(site: Site, decision: str, reason: str, detail: str = "") -> None:
-    REPORT.append(dict(site=site.log_softmax.output.name, where=site.location, decision=decision,
-                       reason=reason, detail=detail))
+def _count(entry: dict) -> None:
+    """Count ``entry`` now; inside Inductor's compile of a graph this also records it for cache hits."""
+    sync()
+    key = _KEY + json.dumps(entry, sort_keys=True)
+    counters["inductor"][key] += 1
+    _applied["seen"][key] += 1
+    _apply(entry, cached=False)
 
+
+def _apply(entry: dict, cached: bool) -> None:
+    lce = counters["inductor_lce"]
+    if entry["decision"] == "rewritten":
+        lce["rewrites"] += 1
+        lce[f"algorithm_{entry['algorithm']}"] += 1
+    else:
+        lce[f"skip_{entry['reason']}"] += 1
+    REPORT.append(dict(entry, site=entry["where"] or f"logits {entry['shape']}", cached=cached,
+                       hint=skips.hint(entry["reason"]) if entry["decision"] == "skipped" else ""))
+    if cached:
+        log.info("inductor_lce: from the compile cache: cross-entropy at %s %s (%s%s)", entry["where"] or "?",
+                 entry["decision"], entry["reason"], f": {entry['detail']}" if entry["detail"] else "")
+
+
+def sync() -> None:
+    """Apply the entries that compile-cache hits replayed into counters["inductor"] since the last call."""
+    # counters.clear() replaces counters["inductor_lce"] (and empties counters["inductor"]): start over then.
+    # (counters["inductor"] itself is no such sign: Inductor swaps it for a copy of itself at times.)
+    lce = counters["inductor_lce"]
+    if _applied["counter"] is not lce:
+        _applied["counter"], _applied["seen"] = lce, collections.Counter()
+    seen = _applied["seen"]
+    for key, n in list(counters["inductor"].items()):
+        if not (isinstance(key, str) and key.startswith(_KEY)):
+            continue
+        if n < seen[key]:  # counters["inductor"] alone was cleared
+            seen[key] = n
+        if n > seen[key]:
+            entry = json.loads(key[len(_KEY):])
+            for _ in range(n - seen[key]):
+                _apply(entry, cached=True)
+            seen[key] = n
+
+
+def _fx_cache_hits() -> int:
+    return counters["inductor"]["fxgraph_cache_hit"]
+
+
+def _flush_pending() -> None:
+    """In the post-grad slot (Inductor is compiling this graph): count what the joint slot decided in this
+    compile; older entries are settled."""
+    cid = _compile_id()
+    pending, _PENDING[:] = list(_PENDING), []
+    for item in pending:
+        if item[0] == cid:
+            _count(item[2])
+        else:
+            _settle([item])
+
+
+def _settle(pending: list) -> None:
+    """Joint-slot decisions no post-grad slot counted: when the FX graph cache served a graph since, it
+    replayed them (sync() applies them); otherwise (the graph compiled elsewhere, or the compile failed)
+    count them now."""
+    for _, hits, entry in pending:
+        if _fx_cache_hits() == hits:
+            _count(entry)
+
+
+def _on_compile_end(*args) -> None:
+    try:
+        sync()
+        pending, _PENDING[:] = list(_PENDING), []
+        _settle(pending)
+    except Exception as e:  # counting must never break a compile
+        log.warning("inductor_lce: counting the compile's cross-entropy sites failed: %r", e, exc_info=True)
+
+
+_callback_registered_once = False
+
+
+def _ensure_end_callback() -> None:
+    """Register _on_compile_end with Dynamo's end-of-compile callbacks (again after torch._dynamo.reset())."""
+    global _callback_registered_once
+    try:
+        from torch._dynamo.callback import callback_handler
+    except ImportError:
+        return
+    register = getattr(callback_handler, "register_end_callback", None)
+    if register is None:
+        return
+    registered = getattr(callback_handler, "end_callbacks", None)
+    if registered is None:  # cannot see the list: register once
+        if not _callback_registered_once:
+            register(_on_compile_end)
+            _callback_registered_once = True
+        return
+    if _on_compile_end not in registered:
+        register(_on_compile_end)
+
+
+def _holds(slot_value, predicate) -> bool:
+    """Whether a config slot's value (a pass, a list of passes, a ChainedPass) holds a pass matching ``predicate``."""
+    if slot_value is None:
+        return False
+    if isinstance(slot_value, (list, tuple)):
+        return any(_holds(p, predicate) for p in slot_value)
+    if predicate(slot_value):
+        return True
+    inner = getattr(slot_value, "passes", None)
+    return isinstance(inner, (list, tuple)) and _holds(inner, predicate)
+
+
+def _post_grad_counts() -> bool:
+    """Whether an instance of the pass is in the post-grad slot (it counts what the joint slot decided)."""
+    import torch._inductor.config as inductor_config
+
+    return _holds(getattr(inductor_config, "post_grad_custom_pre_pass", None),
+                  lambda p: isinstance(p, LinearCrossEntropyPass))
+
+
+# --------------------------------------------------------------------------- the pass
 
 class LinearCrossEntropyPass(CustomGraphPass):
     """Rewrite ``cross_entropy(linear(h, W).float(), labels)`` into the fused ops.
@@ -595,58 +830,103 @@ class LinearCrossEntropyPass(CustomGraphPass):
         # low-precision [N, V] logits tensor, for ~1.3-1.4x the time (README: choosing the algorithm)
         self.lean = lean
 
+    def _slot(self, kind: str) -> Optional[str]:
+        """'joint' or 'post_grad': which config slot this call comes from; None when unknown (called by
+        hand, or the same instance in both slots on an inference graph)."""
+        if kind == "joint":
+            return "joint"
+        if kind in ("forward", "backward"):
+            return "post_grad"
+        import torch._inductor.config as inductor_config
+
+        in_joint = _holds(getattr(inductor_config, "joint_custom_pre_pass", None), lambda p: p is self)
+        in_post = _holds(getattr(inductor_config, "post_grad_custom_pre_pass", None), lambda p: p is self)
+        if in_joint != in_post:
+            return "joint" if in_joint else "post_grad"
+        return None
+
     def __call__(self, graph: Graph) -> None:
-        sites = find_sites(graph)
+        _ensure_end_callback()
+        kind = graph_kind(graph)
+        slot = self._slot(kind)
+        if slot == "post_grad" and kind != "backward":
+            _flush_pending()
+        elif slot == "joint":
+            pending, _PENDING[:] = list(_PENDING), []
+            _settle(pending)  # from an earlier compile (no Dynamo end-of-compile callback settled it)
+        # a site the joint slot skipped is seen again by the post-grad slot (inference graphs): judged once
+        sites = [s for s in find_sites(graph) if not s.log_softmax.output.meta.get(_JUDGED)]
         if not sites:
             return
-        kind = graph_kind(graph)
         if kind == "backward":
             return  # what looks like a site here is the forward's recomputation; counted there
+        defer = slot == "joint" and _post_grad_counts()
         if kind == "forward":
             # Post-grad slot on a training graph: the forward already saves the logits.
             if not self.report_training_graphs:
                 return
             for site in sites:
-                self._skip(site, "post_grad_training", "the forward already saves the logits for backward")
+                self._skip(site, kind, defer, "post_grad_training", "the forward already saves the logits for backward")
             return
         fake_mode = _fake_mode(graph)
         for site in sites:
             try:
                 choose_algorithm(analyze(site, self.low_precision_logits), self.lean)
             except NoMatch as e:
-                self._skip(site, e.reason, e.detail)
+                self._skip(site, kind, defer, e.reason, self._detail(site, e))
                 continue
             except Exception as e:  # a bug in a matcher must never break compilation
-                log.warning("inductor_lce: matcher failed on %s: %r", site.name, e, exc_info=True)
-                self._skip(site, "matcher_error", repr(e))
+                log.warning("inductor_lce: matcher failed on the cross-entropy %s: %r", site.name, e, exc_info=True)
+                self._skip(site, kind, defer, "matcher_error", repr(e))
                 continue
             snapshot = _snapshot(graph)
             try:
                 rewrite(graph, site, fake_mode)
                 _erase_dead(graph, site)
             except NoMatch as e:
+                detail = self._detail(site, e)
                 _restore(graph, snapshot)
-                self._skip(site, e.reason, e.detail)
+                self._skip(site, kind, defer, e.reason, detail, mark=False)
                 return  # nodes of later sites belong to the discarded graph
             except Exception as e:
                 _restore(graph, snapshot)
-                log.warning("inductor_lce: rewrite failed on %s, graph left as it was: %r", site.name, e,
-                            exc_info=True)
-                self._skip(site, "rewrite_error", repr(e))
+                log.warning("inductor_lce: rewrite failed on the cross-entropy %s, graph left as it was: %r",
+                            site.name, e, exc_info=True)
+                self._skip(site, kind, defer, "rewrite_error", repr(e), mark=False)
                 # nodes of later sites belong to the discarded graph: stop here
                 return
-            _count("rewrites")
-            _count(f"algorithm_{site.algorithm}")
-            kind = ("forward+backward" if site.backward else "forward") + f", {site.algorithm}"
-            _report(site, "rewritten", kind, site.why)
-            log.info("inductor_lce: rewrote cross-entropy %s (%s: %s)", site.name, kind, site.why)
+            how = ("forward+backward" if site.backward else "forward") + f", {site.algorithm}"
+            self._decide(_entry(site, kind, "rewritten", how, site.why, site.algorithm), defer)
+            log.info("inductor_lce: rewrote the cross-entropy %s (%s: %s)", site.name, how, site.why)
 
-    def _skip(self, site: Site, reason: str, detail: str = "") -> None:
+    @staticmethod
+    def _detail(site: Site, e: NoMatch) -> str:
+        """The matcher's message in the user's terms (shapes and source lines instead of node names)."""
+        graph = site.log_softmax.output.graph
+        if e.reason == "logits_path_op" and e.detail:
+            node = site.log_softmax.input
+            for _ in range(64):  # the op the walk up from the logits stopped at (its message is the op's name)
+                if not isinstance(node, Node) or node.op != "call_function":
+                    break
+                if str(node.target) == e.detail:
+                    return f"{_op_name(node)} between the lm-head matmul and the loss ({describe(node, site)})"
+                node = node.args[0] if node.args else None
+        return humanize(e.detail, graph, site)
+
+    @staticmethod
+    def _decide(entry: dict, defer: bool) -> None:
+        if defer:
+            _PENDING.append((_compile_id(), _fx_cache_hits(), entry))
+        else:
+            _count(entry)
+
+    def _skip(self, site: Site, kind: str, defer: bool, reason: str, detail: str = "", mark: bool = True) -> None:
         global _warned_post_grad_training
-        _count(f"skip_{reason}")
-        _report(site, "skipped", reason, detail)
-        log.info("inductor_lce: cross-entropy %s not rewritten: %s%s", site.name, reason,
-                 f" ({detail})" if detail else "")
+        if mark:
+            site.log_softmax.output.meta[_JUDGED] = True
+        self._decide(_entry(site, kind, "skipped", reason, detail), defer)
+        log.info("inductor_lce: the cross-entropy %s not rewritten: %s%s; %s", site.name, reason,
+                 f" ({detail})" if detail else "", skips.hint(reason))
         if reason == "post_grad_training" and not _warned_post_grad_training:
             _warned_post_grad_training = True
             warnings.warn(
@@ -658,6 +938,15 @@ class LinearCrossEntropyPass(CustomGraphPass):
             )
 
     def uuid(self) -> str:
+        # The cache key is the real one (the package's sources and the flags). Inductor calls this on every
+        # compile, cache hit or not, so it also (re)registers the end-of-compile sync of replayed counts
+        # (and applies what earlier hits replayed, for a torch without Dynamo's callbacks).
+        try:
+            _ensure_end_callback()
+            sync()  # not _on_compile_end: the joint slot's decisions still wait for the forward graph's compile
+        except Exception as e:  # counting must never break a compile
+            log.warning("inductor_lce: counting cross-entropy sites from the compile cache failed: %r", e,
+                        exc_info=True)
         flags = f"{int(self.report_training_graphs)}{int(self.low_precision_logits)}{int(self.lean)}"
         return f"{get_hash_for_files(_source_files()).hex()}-{flags}"
 

@@ -3,82 +3,67 @@
     python -m inductor_lce.explain train.py [script args...]
 
 runs the script with ``inductor_lce.install()`` in effect (every ``torch.compile`` with the
-Inductor backend gets the pass) and prints every cross-entropy site the pass saw. From
-Python, ``inductor_lce.explain(fn, *args)`` compiles ``fn`` with ``options()``, runs it
-(and its backward when the result requires grad) and returns the same report.
+Inductor backend gets the pass) and then prints every cross-entropy site the pass judged, with
+the user's source line, the logits' shape, the reason of a skip and what to do about it.
+From Python, ``inductor_lce.explain(fn, *args)`` compiles ``fn`` with ``options()``, calls it
+once and prints and returns the same report.
 
-Compile caches are off while it runs (a cache hit would skip the pass and the report).
-Sites are printed per graph the pass saw: a joint (training) graph and, for inference, the
-forward graph; a site compiled twice (a recompile) appears twice.
+The compile caches stay on: a graph served from the FX graph cache or the AOTAutograd cache
+(e.g. the second run of a script) brings its sites back with it, marked "from the compile cache".
+Sites are listed per graph compiled: a site compiled twice (a recompile) appears twice.
 """
 from __future__ import annotations
 
-import contextlib
+import os
 import runpy
 import sys
 from typing import Callable
 
 import torch
 
-from . import graph_pass
-from .entry import install, options, uninstall
-
-HELP = {
-    "logits_returned": "the logits leave the compiled region (returned or stored): return only the loss",
-    "logits_other_users": "something besides the loss reads the logits",
-    "log_softmax_other_users": "something besides the loss reads the log-probabilities",
-    "label_smoothing": "label_smoothing is not fused yet",
-    "class_weights": "per-class weights are not fused",
-    "not_fp32": "the loss reads bf16/fp16 logits: add .float() before the loss",
-    "logits_path_op": "an op between the lm-head matmul and the loss is not a view/float/shift slice",
-    "no_matmul": "the logits do not come from a matmul in this graph",
-    "post_grad_training": "training graph seen by the post-grad pass: use options() / install()",
-}
+from .. import graph_pass, skips
+from ..entry import install, options, uninstall
 
 
 def format_report(report: list) -> str:
+    """The report as text: one block per site, with its source line, detail and, for a skip, the hint."""
     if not report:
         return "inductor_lce: no cross-entropy found in the compiled graphs"
-    rows = [("decision", "reason", "site", "where")]
+    rewritten = sum(r["decision"] == "rewritten" for r in report)
+    cached = sum(bool(r.get("cached")) for r in report)
+    head = (f"inductor_lce: {len(report)} cross-entropy site{'s' if len(report) != 1 else ''}: "
+            f"{rewritten} rewritten, {len(report) - rewritten} skipped"
+            + (f" ({cached} from the compile cache)" if cached else ""))
+    width = max(len(r["reason"]) for r in report)
+    lines = [head]
     for r in report:
-        rows.append((r["decision"], r["reason"], r["site"], r["where"]))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = ["  ".join(row[i].ljust(widths[i]) for i in range(3)) + "  " + row[3] for row in rows]
-    hints = sorted({r["reason"] for r in report if r["decision"] == "skipped" and r["reason"] in HELP})
-    if hints:
+        where = r["where"] or "(no source line)"
         lines.append("")
-        lines += [f"{reason}: {HELP[reason]}" for reason in hints]
-    details = [f"{r['site']}: {r['detail']}" for r in report if r["detail"] and r["decision"] == "skipped"]
-    if details:
-        lines.append("")
-        lines += details
+        lines.append(f"{r['decision']:<9}  {r['reason']:<{width}}  {where}  logits {r['shape']}"
+                     + ("  [from the compile cache]" if r.get("cached") else ""))
+        if r.get("code"):
+            lines.append(f"    {r['code']}")
+        if r["detail"]:
+            lines.append(f"    {'why: ' if r['decision'] == 'rewritten' else ''}{r['detail']}")
+        if r["decision"] == "skipped":
+            lines.append(f"    hint: {r.get('hint') or skips.hint(r['reason'])}")
     return "\n".join(lines)
 
 
-def _no_compile_caches():
-    """A cache hit skips the passes, and with them the report: compile from scratch."""
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-
-    patches = [inductor_config.patch({"fx_graph_cache": False})]
-    if hasattr(functorch_config, "enable_autograd_cache"):
-        patches.append(functorch_config.patch({"enable_autograd_cache": False}))
-    stack = contextlib.ExitStack()
-    for p in patches:
-        stack.enter_context(p)
-    return stack
-
-
 def explain(fn: Callable, *args, **kwargs) -> list:
-    """Compile ``fn`` with the pass, run it once (and backward if it returns a loss that
-    requires grad), print and return the report of every cross-entropy site."""
+    """Compile ``fn`` with ``options()``, call it once with ``args`` / ``kwargs``, print and return the
+    report of every cross-entropy site (a list of dicts: decision, reason, algorithm, detail, where,
+    code, shape, graph, hint, cached).
+
+    Side effects: ``fn`` runs once, forward only (its own side effects happen: in-place updates, RNG
+    draws; no backward runs, so no ``.grad`` changes). Dynamo keeps the compiled code for ``fn`` as one
+    more entry next to the user's own (a recompile: the backend differs); nothing is reset, so models
+    the user already compiled stay compiled. The compile caches stay on: a cache hit replays the report.
+    """
+    graph_pass.sync()
     start = len(graph_pass.REPORT)
-    torch._dynamo.reset()
-    with _no_compile_caches():
-        out = torch.compile(fn, options=options())(*args, **kwargs)
-        loss = out[0] if isinstance(out, (tuple, list)) else out
-        if isinstance(loss, torch.Tensor) and loss.requires_grad and loss.numel() == 1:
-            loss.backward()
+    torch.compile(fn, options=options())(*args, **kwargs)
+    graph_pass.sync()
     report = graph_pass.REPORT[start:]
     print(format_report(report))
     return report
@@ -90,18 +75,21 @@ def main(argv=None) -> int:
         print(__doc__)
         return 0 if argv else 2
     script = argv[0]
+    graph_pass.sync()
     start = len(graph_pass.REPORT)
-    install()
+    saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv = argv
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python train.py` would
+    install()
     try:
-        with _no_compile_caches():
-            runpy.run_path(script, run_name="__main__")
+        runpy.run_path(script, run_name="__main__")
     finally:
         uninstall()
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        graph_pass.sync()
         print("\n== inductor_lce: cross-entropy sites ==")
         print(format_report(graph_pass.REPORT[start:]))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["explain", "format_report", "main"]
