@@ -229,8 +229,10 @@ def _set_settings(spec):
         old[key] = current
         if isinstance(current, bool):
             parsed = value in ("1", "true", "True")
-        elif isinstance(current, (int, float)) or (current is None and value.replace(".", "", 1).isdigit()):
-            parsed = (type(current) if current is not None else int)(float(value))   # None fields: byte counts
+        elif isinstance(current, (int, float)):
+            parsed = type(current)(float(value))
+        elif current is None:  # the Optional byte counts (fused_workspace_bytes): "None" or a number, e.g. 3e9
+            parsed = None if value == "None" else int(float(value))
         else:
             parsed = value
         setattr(SETTINGS, key, parsed)
