@@ -257,6 +257,39 @@ def _set_row_groups(value):
     return old
 
 
+def log_gaps(p, top=8):
+    """Where the GPU idles inside the profiled step: the largest gaps between consecutive kernels, with the
+    kernels on either side (a gap the host's launches cause, or a sync)."""
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in p.events()
+                     if getattr(e.device_type, "name", "") == "CUDA")
+    if not kernels:
+        return
+    gaps, end, prev = [], kernels[0][1], kernels[0][2]
+    for start, stop, name in kernels[1:]:
+        if start > end:
+            gaps.append(((start - end) / 1e3, prev, name))
+        if stop > end:
+            end, prev = stop, name
+    span = (end - kernels[0][0]) / 1e3
+    log(f"  GPU span {span:.2f} ms, idle between kernels {sum(g[0] for g in gaps):.2f} ms in {len(gaps)} gaps")
+    for ms, before, after in sorted(gaps, reverse=True)[:top]:
+        log(f"    gap {ms:6.3f} ms  after {before[:50]}  before {after[:50]}")
+
+
+def log_host_time(step, reps=5):
+    """Host time of a step (returns before the GPU is done unless something syncs) against its whole time."""
+    host, whole = [], []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        host.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        whole.append(time.perf_counter() - t0)
+    log(f"  host time per step {sorted(host)[reps // 2] * 1e3:.2f} ms of {sorted(whole)[reps // 2] * 1e3:.2f} ms "
+        "(host close to whole: launch-bound or a sync)")
+
+
 def profile(shapes):
     """Kernel time breakdown of one fwd+bwd step (after a warm-up step that autotunes) of each method in
     PROFILE_METHODS (default: inductor_lce, inductor_lce_lean), and the step's wall time under the profiler."""
@@ -279,18 +312,24 @@ def profile(shapes):
                 step()
                 torch.cuda.synchronize()
                 t0 = time.time()
-                with prof(activities=[ProfilerActivity.CUDA]) as p:
+                with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
                     step()
                     torch.cuda.synchronize()
                 wall = (time.time() - t0) * 1e3
             finally:
                 _restore_settings(old)
-            rows = [(e.key, e.device_time_total / 1e3, e.count) for e in p.key_averages()]
-            rows.sort(key=lambda r: -r[1])
+            by_name: dict = {}
+            for e in p.events():
+                if getattr(e.device_type, "name", "") == "CUDA":   # kernels (the CPU side is for log_gaps)
+                    t, c = by_name.get(e.name, (0.0, 0))
+                    by_name[e.name] = (t + (e.time_range.end - e.time_range.start) / 1e3, c + 1)
+            rows = sorted(((k, t, c) for k, (t, c) in by_name.items()), key=lambda r: -r[1])
             total = sum(r[1] for r in rows)
             log(f"\n== profile {m} N={N} D={D} V={V}: kernels {total:.2f} ms (wall under profiler {wall:.1f} ms)")
             for k, t, c in rows[:10]:
                 log(f"  {t:8.2f} ms  {c:5d}x  {k[:90]}")
+            log_gaps(p)
+            log_host_time(step)
         del h, w, y
         gc.collect()
         torch.cuda.empty_cache()
@@ -482,7 +521,7 @@ def sweep(shapes):
         gw = torch.zeros(V, D, device=DEV, dtype=h.dtype)
         st32 = torch.zeros(V, D, device=DEV, dtype=torch.float32)
         lo = torch.zeros(V, D, device=DEV, dtype=torch.int8)
-        padded = stride % I._max_block_m(I.matmul_accumulate_kernels["grad_weight"][0]) == 0
+        padded = stride % I._chunk_grain() == 0
 
         def accumulate(mode, state, kernel):
             def run():

@@ -136,16 +136,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
 
 
-def _max_block_k(kernel) -> int:
-    return max(int(c.kwargs.get("BLOCK_K", 1)) for c in kernel.configs)
+def _max_block(kernel, name: str) -> int:
+    """The largest BLOCK_M / BLOCK_N / BLOCK_K over an autotuned kernel's configs: sizes that are a multiple of it
+    can be read without masks whichever config wins."""
+    return max(int(c.kwargs.get(name, 1)) for c in kernel.configs)
 
 
-def _max_block_n(kernel) -> int:
-    return max(int(c.kwargs.get("BLOCK_N", 1)) for c in kernel.configs)
-
-
-def _max_block_m(kernel) -> int:
-    return max(int(c.kwargs.get("BLOCK_M", 1)) for c in kernel.configs)
+@functools.lru_cache(maxsize=None)
+def _major_capability(device: str) -> int:
+    return torch.cuda.get_device_capability(torch.device(device))[0]
 
 
 def _check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -256,7 +255,8 @@ def _forward_fused(hidden, weight, bias, target, softcap):
     wrap_triton(lse_forward_kernel)[grid](
         hidden, weight, bias, target, max2, sumexp, partial_sum, target_logit,
         n_tokens, num_classes, dim, per_split, _bucket(n_tokens), hidden.stride(0), weight.stride(0), softcap,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, EVEN_K=dim % _max_block_k(lse_forward_kernel) == 0,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
+        EVEN_K=dim % _max_block(lse_forward_kernel, "BLOCK_K") == 0,
         DOT_FP32=DOT_FP32, DOT_PRECISION=_dot_precision(hidden.dtype),
     )
     top = max2.amax(0)                                                        # [N]
@@ -382,7 +382,7 @@ def _matmul_accumulate(use: str, a: Tensor, b: Tensor, out: Tensor, state: Tenso
     N = b.shape[1]
     spans = [(0, M)]
     if not first:
-        grain = _max_block_m(kernel)
+        grain = _max_block(kernel, "BLOCK_M")
         tile = max(int(c.kwargs["BLOCK_M"]) * int(c.kwargs["BLOCK_N"]) for c in kernel.configs)
         head = _cdiv(2 * _num_sms(str(a.device)) * tile, max(1, N))
         head = M // 2 if INTERPRET else head   # (interpreted: small problems, still run the split launch)
@@ -401,8 +401,9 @@ def _matmul_accumulate(use: str, a: Tensor, b: Tensor, out: Tensor, state: Tenso
         wrap_triton(kernel)[grid](
             a_s, b, state_s, state_s, out_s, m1 - m0, N, K, m_key, k_key, a.stride(0), a.stride(1), b.stride(0),
             b.stride(1), state.stride(0), out.stride(0), MODE=mode, FIRST=first, LAST=last,
-            EVEN_M=a_padded or (m1 - m0) % _max_block_m(kernel) == 0, EVEN_N=N % _max_block_n(kernel) == 0,
-            EVEN_K=K % _max_block_k(kernel) == 0, DOT_FP32=DOT_FP32, DOT_PRECISION=_dot_precision(b.dtype),
+            EVEN_M=a_padded or (m1 - m0) % _max_block(kernel, "BLOCK_M") == 0,
+            EVEN_N=N % _max_block(kernel, "BLOCK_N") == 0,
+            EVEN_K=K % _max_block(kernel, "BLOCK_K") == 0, DOT_FP32=DOT_FP32, DOT_PRECISION=_dot_precision(b.dtype),
             GROUP_M=_GROUP_M,
         )
 
@@ -414,7 +415,7 @@ def _tma_applies(a: Tensor, b: Tensor, traced: bool) -> bool:
         raise ValueError(f"fused_grad_weight_kernel must be tma or pointer, got {SETTINGS.fused_grad_weight_kernel!r}")
     if SETTINGS.fused_grad_weight_kernel != "tma" or traced or TensorDescriptor is None:
         return False
-    if not INTERPRET and (a.device.type != "cuda" or torch.cuda.get_device_capability(a.device)[0] < 9):
+    if not INTERPRET and (a.device.type != "cuda" or _major_capability(str(a.device)) < 9):
         return False
     aligned = all((t.stride(i) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0 for t, i in ((a, 1), (b, 0)))
     return a.stride(0) == 1 and b.stride(1) == 1 and aligned
@@ -467,7 +468,7 @@ def _grad_logits_slab(hidden, weight, bias, target, lse, grad_loss, grad_lse, gr
         hidden, weight, bias, target, lse, grad_loss, grad_lse, grad_sum_logits, grad_logits, grad_bias_acc,
         n_tokens, dim, v0, width, _bucket(n_tokens), hidden.stride(0), weight.stride(0),
         grad_logits.stride(0), ignore_index, softcap, **flags,
-        EVEN_K=dim % _max_block_k(grad_logits_kernel) == 0, DOT_FP32=DOT_FP32,
+        EVEN_K=dim % _max_block(grad_logits_kernel, "BLOCK_K") == 0, DOT_FP32=DOT_FP32,
         DOT_PRECISION=_dot_precision(hidden.dtype), GROUP_M=_GROUP_M,
     )
     return grad_logits
@@ -502,11 +503,16 @@ def default_fused_workspace(n_tokens: int, num_classes: int, dtype: torch.dtype)
     return max(_MIN_FUSED_WORKSPACE, int(FUSED_WORKSPACE_FRACTION * n_tokens * num_classes * itemsize))
 
 
+def _chunk_grain() -> int:
+    """The grad_weight kernel's largest BLOCK_M: a chunk row stride that is a multiple of it needs no masks."""
+    return _max_block(matmul_accumulate_kernels["grad_weight"][0], "BLOCK_M")
+
+
 def _chunk_stride(num_classes: int, traced: bool) -> int:
     """Row stride of a logits chunk: V rounded up to the grad_weight kernel's largest BLOCK_M (eager), so that the
     kernel reads the transposed chunk in unmasked, vectorized tiles. Traced: V (an ``out=`` matmul into a view
     would become matmul + copy there)."""
-    grain = _max_block_m(matmul_accumulate_kernels["grad_weight"][0])
+    grain = _chunk_grain()
     if traced or num_classes % grain == 0:
         return num_classes
     return _cdiv(num_classes, grain) * grain
@@ -718,7 +724,7 @@ def _fused_chunks(plan, hidden, weight, bias, target, grad_scale, ignore_index, 
             _matmul_accumulate("grad_weight", gl_t, h_c, grad_weight, grad_weight if mode == IN_OUTPUT else state,
                                mode=MODE_COMPENSATED if mode == COMPENSATED else MODE_FP32, first=first, last=last,
                                m_key=_bucket(num_classes), k_key=_bucket(plan.chunk_rows), traced=traced,
-                               a_padded=stride % _max_block_m(matmul_accumulate_kernels["grad_weight"][0]) == 0)
+                               a_padded=stride % _chunk_grain() == 0)
         if grad_bias_acc is not None:
             _add_column_sums(grad_bias_acc, logits, traced)
         del logits, gl_t  # before the next chunk is allocated: one chunk alive at a time

@@ -120,6 +120,25 @@ def _epilogue(acc, prev_a, prev_b, out_ptr, state_ptr, lo_ptr, row0, local_rows,
 
 
 @triton.jit
+def fold_tile(acc, prev_a, prev_b, out_ptr, state_ptr, lo_ptr, row0, local_rows, row_ok, col0, N, stride_state,
+              stride_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, FIRST: tl.constexpr,
+              LAST: tl.constexpr, HAVE_PREV: tl.constexpr, EMULATE: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr):
+    """The epilogue of a [BLOCK_M, BLOCK_N] tile (both kernels): whole (EPILOGUE_SPLIT = 1), or its two column
+    halves one after the other (2: wide tiles, whose state does not fit in registers beside the accumulator)."""
+    if EPILOGUE_SPLIT == 1:
+        _epilogue(acc, prev_a, prev_b, out_ptr, state_ptr, lo_ptr, row0, local_rows, row_ok, col0, N,
+                  stride_state, stride_out, BLOCK_N, MODE, FIRST, LAST, HAVE_PREV, EMULATE)
+    else:
+        tl.static_assert(EPILOGUE_SPLIT == 2 and not HAVE_PREV, "EPILOGUE_SPLIT: 1, or 2 without a loaded state")
+        half: tl.constexpr = BLOCK_N // 2
+        acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, half)), (0, 2, 1)))  # columns [0, half), rest
+        _epilogue(acc0, prev_a, prev_b, out_ptr, state_ptr, lo_ptr, row0, local_rows, row_ok, col0, N,
+                  stride_state, stride_out, half, MODE, FIRST, LAST, False, EMULATE)
+        _epilogue(acc1, prev_a, prev_b, out_ptr, state_ptr, lo_ptr, row0, local_rows, row_ok, col0 + half, N,
+                  stride_state, stride_out, half, MODE, FIRST, LAST, False, EMULATE)
+
+
+@triton.jit
 def matmul_accumulate_kernel_jit(
     a_ptr, b_ptr,                                      # A [M, K], B [K, N] (strides below)
     state_ptr, lo_ptr, out_ptr,                        # MODE 0: fp32 [M, N]; MODE 1: int8 [M, N] (out's strides); out
@@ -168,17 +187,8 @@ def matmul_accumulate_kernel_jit(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    if EPILOGUE_SPLIT == 1:
-        _epilogue(acc, prev_a, prev_b, out_ptr, state_ptr, lo_ptr, row0, local_rows, row_ok, col0, N,
-                  stride_state, stride_out, BLOCK_N, MODE, FIRST, LAST, PREFETCH, DOT_FP32)
-    else:
-        tl.static_assert(EPILOGUE_SPLIT == 2 and not PREFETCH, "EPILOGUE_SPLIT: 1, or 2 without PREFETCH")
-        half: tl.constexpr = BLOCK_N // 2
-        acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, half)), (0, 2, 1)))  # columns [0, half), rest
-        _epilogue(acc0, prev_a, prev_b, out_ptr, state_ptr, lo_ptr, row0, local_rows, row_ok, col0, N,
-                  stride_state, stride_out, half, MODE, FIRST, LAST, False, DOT_FP32)
-        _epilogue(acc1, prev_a, prev_b, out_ptr, state_ptr, lo_ptr, row0, local_rows, row_ok, col0 + half, N,
-                  stride_state, stride_out, half, MODE, FIRST, LAST, False, DOT_FP32)
+    fold_tile(acc, prev_a, prev_b, out_ptr, state_ptr, lo_ptr, row0, local_rows, row_ok, col0, N, stride_state,
+              stride_out, BLOCK_M, BLOCK_N, MODE, FIRST, LAST, PREFETCH, DOT_FP32, EPILOGUE_SPLIT)
 
 
 def _autotuned(use: str, first: bool):

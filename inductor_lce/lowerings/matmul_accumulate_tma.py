@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ._config import configs
 from ._grid import grouped_tile_of
-from .matmul_accumulate import _epilogue
+from .matmul_accumulate import fold_tile
 
 
 @triton.jit
@@ -52,17 +52,8 @@ def matmul_accumulate_tma_kernel_jit(
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         row_ok = row0 + local_rows < M
-        if EPILOGUE_SPLIT == 1:
-            _epilogue(acc, 0.0, 0.0, out_ptr, state_ptr, lo_ptr, row0, local_rows, row_ok, col0, N,
-                      stride_state, stride_out, BLOCK_N, MODE, FIRST, LAST, False, DOT_FP32)
-        else:
-            tl.static_assert(EPILOGUE_SPLIT == 2, "EPILOGUE_SPLIT: 1 or 2")
-            half: tl.constexpr = BLOCK_N // 2
-            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, half)), (0, 2, 1)))
-            _epilogue(acc0, 0.0, 0.0, out_ptr, state_ptr, lo_ptr, row0, local_rows, row_ok, col0, N,
-                      stride_state, stride_out, half, MODE, FIRST, LAST, False, DOT_FP32)
-            _epilogue(acc1, 0.0, 0.0, out_ptr, state_ptr, lo_ptr, row0, local_rows, row_ok, col0 + half, N,
-                      stride_state, stride_out, half, MODE, FIRST, LAST, False, DOT_FP32)
+        fold_tile(acc, 0.0, 0.0, out_ptr, state_ptr, lo_ptr, row0, local_rows, row_ok, col0, N, stride_state,
+                  stride_out, BLOCK_M, BLOCK_N, MODE, FIRST, LAST, False, DOT_FP32, EPILOGUE_SPLIT)
 
 
 def _set_boxes(nargs):
