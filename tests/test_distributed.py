@@ -131,11 +131,15 @@ def _batches(rank):
 def _parallelize(model, kind):
     if kind == "ddp":
         return nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # a CPU mesh named explicitly: by default FSDP2 meshes the accelerator when there is one (the GPU machine),
+    # and CPU parameters on a CUDA mesh crash the process (SIGSEGV, torch 2.11)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for block in model.model.blocks:
-        fully_shard(block)
-    return fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def _train(model, params, batches):
