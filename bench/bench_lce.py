@@ -267,13 +267,19 @@ def log_gaps(p, top=8):
     gaps, end, prev = [], kernels[0][1], kernels[0][2]
     for start, stop, name in kernels[1:]:
         if start > end:
-            gaps.append(((start - end) / 1e3, prev, name))
+            gaps.append(((start - end) / 1e3, prev, name, end, start))
         if stop > end:
             end, prev = stop, name
     span = (end - kernels[0][0]) / 1e3
     log(f"  GPU span {span:.2f} ms, idle between kernels {sum(g[0] for g in gaps):.2f} ms in {len(gaps)} gaps")
-    for ms, before, after in sorted(gaps, reverse=True)[:top]:
+    host = [e for e in p.events() if getattr(e.device_type, "name", "") == "CPU"]
+    for rank, (ms, before, after, g0, g1) in enumerate(sorted(gaps, reverse=True)[:top]):
         log(f"    gap {ms:6.3f} ms  after {before[:50]}  before {after[:50]}")
+        if rank < 3:  # what the host did meanwhile: its ops of >= 20 us that started in the gap
+            during = sorted((e.time_range.start, e.time_range.end - e.time_range.start, e.name) for e in host
+                            if g0 <= e.time_range.start < g1 and e.time_range.end - e.time_range.start >= 20)
+            for t, dur, name in during[:12]:
+                log(f"        host +{(t - g0) / 1e3:6.3f} ms  {dur / 1e3:6.3f} ms  {name[:70]}")
 
 
 def log_host_time(step, reps=5):
@@ -297,6 +303,7 @@ def profile(shapes):
 
     methods = os.environ.get("PROFILE_METHODS", "inductor_lce,inductor_lce_lean").split(",")
     for N, D, V in shapes:
+        torch._dynamo.reset()  # (every method compiles `naive` again: stay under Dynamo's recompile limit)
         h, w, y = make_inputs(N, D, V)
         for m in methods:
             base_method, _, spec = m.partition("@")
