@@ -296,6 +296,43 @@ def log_host_time(step, reps=5):
         "(host close to whole: launch-bound or a sync)")
 
 
+def host_profile(shapes, calls=30):
+    """Where the host's time goes in the fused op (eager calls; cProfile, top functions by own time)."""
+    import cProfile
+    import pstats
+
+    import inductor_lce.lowerings  # noqa: F401  (registers the triton ops)
+
+    for N, D, V in shapes:
+        h, w, y = make_inputs(N, D, V)
+        scale = torch.tensor(1.0 / N, device=DEV)
+        op = torch.ops.inductor_lce.lce_fused_triton.default
+
+        def call():
+            op(h.detach(), w.detach(), None, y, scale, -100, 0.0)
+
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            call()
+        host = (time.perf_counter() - t0) / calls
+        torch.cuda.synchronize()
+        whole = (time.perf_counter() - t0) / calls
+        log(f"\n== host N={N} D={D} V={V}: host {host * 1e3:.2f} ms per call, whole {whole * 1e3:.2f} ms")
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(calls):
+            call()
+        pr.disable()
+        torch.cuda.synchronize()
+        stats = pstats.Stats(pr, stream=sys.stdout)
+        stats.sort_stats("tottime").print_stats(25)
+        del h, w, y
+        torch.cuda.empty_cache()
+
+
 def profile(shapes):
     """Kernel time breakdown of one fwd+bwd step (after a warm-up step that autotunes) of each method in
     PROFILE_METHODS (default: inductor_lce, inductor_lce_lean), and the step's wall time under the profiler."""
@@ -578,6 +615,7 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--compile-report", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--host", action="store_true")
     args = ap.parse_args()
     if args.compile_report:
         compile_report()
@@ -586,6 +624,9 @@ def main():
     shapes = json.loads(os.environ.get("SHAPES", json.dumps(SHAPES)))
     if args.profile:
         profile(shapes)
+        return
+    if args.host:
+        host_profile(shapes)
         return
     if args.sweep:
         sweep(shapes)
