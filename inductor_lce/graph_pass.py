@@ -202,7 +202,12 @@ def analyze(site: Site, low_precision_logits: bool = False) -> Site:
     if len(gathers) != 1:
         raise NoMatch("no_nll" if not gathers else "log_softmax_other_users")
     site.nll = match_nll_forward(gathers[0], log_probs)
-    chain = site.chain = match_logits_chain(lsm.input)
+    try:
+        chain = site.chain = match_logits_chain(lsm.input)
+    except NoMatch as e:
+        if e.reason == "no_matmul":
+            _check_logits_input(site)
+        raise
     site.lse_uses = _match_lse_uses(site)
     for node in chain.nodes + lsm.nodes + site.post_views + site.nll.nodes:
         if any(u.op == "output" for u in node.users):
@@ -238,6 +243,25 @@ def analyze(site: Site, low_precision_logits: bool = False) -> Site:
         raise NoMatch("log_softmax_backward_form", "a logsumexp has a backward, the cross-entropy none")
     _check_users(site)
     return site
+
+
+def _check_logits_input(site: Site) -> None:
+    """Logits that are a graph input were computed in an earlier graph: say so, and which graph break
+    (Dynamo's record, see explain/breaks.py) put the lm-head there."""
+    node = site.log_softmax.input
+    for _ in range(64):  # the walk match_logits_chain made, up to where it left the graph's ops
+        if not isinstance(node, Node) or node.op != "call_function" or not node.args:
+            break
+        node = node.args[0]
+    if not isinstance(node, Node) or node.op != "placeholder":
+        return
+    from .explain.breaks import graph_break  # here: the explain package imports this module
+
+    found = graph_break()
+    raise NoMatch("logits_input", f"the logits are {describe(node, site)}: " + (
+        f"a graph break separates the lm-head from the loss\n{found}" if found else
+        "the lm-head ran before this graph, and Dynamo recorded no graph break on the way here (a loss compiled "
+        "on its own?)"))
 
 
 THREE_GEMM, RECOMPUTE = "three_gemm", "recompute"

@@ -53,9 +53,14 @@ SKIPS: dict = {
         "(e.g. a temperature division)",
         "fold a scale into `hidden` (`F.linear(h / T, W)` is `F.linear(h, W) / T` without a bias); other ops "
         "are not fused"),
+    "logits_input": Reason(
+        "the logits are an input of the compiled graph: a graph break between the lm-head and the loss (e.g. a "
+        "`logger.warning(...)` on the way; `explain` shows Dynamo's reason and line), or the loss compiled on its own",
+        "remove the graph break (README, \"Graph breaks between the head and the loss\") or compile the lm-head "
+        "together with the loss"),
     "no_matmul": Reason(
-        "the logits do not come from a matmul in this graph (they are an input of the compiled region)",
-        "compile the lm-head together with the loss (no graph break between them)"),
+        "the logits are not computed by a matmul in this graph (e.g. a constant of the graph)",
+        "nothing to fuse: the site compiles as without the pass"),
     "matmul_form": Reason(
         "the lm-head is not a plain `F.linear(h, W[, b])` (an addmm with scaling or a broadcast bias, a weight "
         "that is not a [V, D] matrix)",

@@ -4,7 +4,9 @@
 
 runs the script with ``inductor_lce.install()`` in effect (every ``torch.compile`` with the
 Inductor backend gets the pass) and then prints every cross-entropy site the pass judged, with
-the user's source line, the logits' shape, the reason of a skip and what to do about it.
+the user's source line, the logits' shape, the reason of a skip and what to do about it. Logits that
+are an input of the compiled graph (``logits_input``) come with the graph break that put the lm-head in an
+earlier graph, where Dynamo recorded one: its line and Dynamo's reason (``explain/breaks.py``).
 From Python, ``inductor_lce.explain(fn, *args)`` compiles ``fn`` with ``options()``, calls it
 once and prints and returns the same report.
 
@@ -43,8 +45,10 @@ def format_report(report: list) -> str:
                      + ("  [from the compile cache]" if r.get("cached") else ""))
         if r.get("code"):
             lines.append(f"    {r['code']}")
-        if r["detail"]:
-            lines.append(f"    {'why: ' if r['decision'] == 'rewritten' else ''}{r['detail']}")
+        if r["detail"]:  # several lines for a graph break (where Dynamo broke, its reason)
+            detail = r["detail"].splitlines()
+            lines.append(f"    {'why: ' if r['decision'] == 'rewritten' else ''}{detail[0]}")
+            lines += [f"    {line}" for line in detail[1:]]
         if r["decision"] == "skipped":
             lines.append(f"    hint: {r.get('hint') or skips.hint(r['reason'])}")
     return "\n".join(lines)
