@@ -95,6 +95,7 @@ class Site:
 
 
 _FRAME = re.compile(r'\s*File "(.+)", line (\d+), in (.+)')
+_RESUME = re.compile(r"^torch_dynamo_resume_in_(.+)_at_\d+$")
 
 
 def source(node: Node) -> tuple:
@@ -112,7 +113,9 @@ def source(node: Node) -> tuple:
         except ValueError:
             pass
         code = lines[i + 1].strip() if i + 1 < len(lines) and not _FRAME.match(lines[i + 1]) else ""
-        return f"{path}:{m.group(2)} in {m.group(3)}", code
+        # code after a graph break runs in a function Dynamo names torch_dynamo_resume_in_<function>_at_<line>
+        function = _RESUME.sub(r"\1", m.group(3))
+        return f"{path}:{m.group(2)} in {function}", code
     return "", ""
 
 
