@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ._config import configs
 from ._grid import grouped_tile
-from ._rounding import round_to
+from ._logits_tile import logits_tile
 from ._softmax import grad_logits_out, row_grad_weights, scores, softmax_grad
 
 
@@ -48,26 +48,10 @@ def grad_logits_kernel_jit(
     j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                          # [BLOCK_N] column in the slab
     col_ok = j < slab
     cols = v_begin + tl.where(col_ok, j, 0)                              # class ids (in-bounds)
-    offs_k = tl.arange(0, BLOCK_K)
     h_rows = hidden_ptr + rows_safe.to(tl.int64)[:, None] * stride_hidden
     w_rows = weight_ptr + cols.to(tl.int64)[:, None] * stride_weight
-
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)                       # [BLOCK_M, BLOCK_N] logits tile
-    for k0 in range(0, D, BLOCK_K):
-        k = k0 + offs_k
-        if EVEN_K:
-            a = tl.load(h_rows + k[None, :])
-            b = tl.load(w_rows + k[None, :])
-        else:
-            a = tl.load(h_rows + k[None, :], mask=k[None, :] < D, other=0.0)
-            b = tl.load(w_rows + k[None, :], mask=k[None, :] < D, other=0.0)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-    z = round_to(acc, hidden_ptr.dtype.element_ty, DOT_FP32).to(tl.float32)  # logits in the input dtype
+    z = logits_tile(h_rows, w_rows, bias_ptr, cols, D, HAS_BIAS, EVEN_K, DOT_FP32, DOT_PRECISION,
+                    BLOCK_M, BLOCK_N, BLOCK_K)                           # [BLOCK_M, BLOCK_N] logits, fp32
 
     target, lse, g, g_total = row_grad_weights(target_ptr, lse_ptr, grad_loss_ptr, grad_lse_ptr, rows_safe,
                                                ignore_index, HAS_GRAD_LSE)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._config import LOG2E, configs
-from ._rounding import round_to
+from ._logits_tile import logits_tile
 from ._softmax import online_lse, scores
 
 
@@ -43,7 +43,6 @@ def lse_forward_kernel_jit(
     rows_safe = tl.where(row_ok, rows, 0)                                 # in-bounds loads; stores are masked
     target = tl.load(target_ptr + rows_safe)
     v_begin = split * v_per_split     # the host makes v_begin < V; the last split's tiles past V are masked
-    offs_k = tl.arange(0, BLOCK_K)
     h_rows = hidden_ptr + rows_safe.to(tl.int64)[:, None] * stride_hidden  # [BLOCK_M, 1]
 
     max2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -56,22 +55,8 @@ def lse_forward_kernel_jit(
         cols = v_begin + t + tl.arange(0, BLOCK_N)                        # [BLOCK_N] class ids
         col_ok = (cols < V) & (t + tl.arange(0, BLOCK_N) < v_per_split)
         w_rows = weight_ptr + tl.where(col_ok, cols, v_begin).to(tl.int64)[:, None] * stride_weight
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)                    # [BLOCK_M, BLOCK_N] logits tile
-        for k0 in range(0, D, BLOCK_K):
-            k = k0 + offs_k
-            if EVEN_K:
-                a = tl.load(h_rows + k[None, :])
-                b = tl.load(w_rows + k[None, :])
-            else:
-                a = tl.load(h_rows + k[None, :], mask=k[None, :] < D, other=0.0)
-                b = tl.load(w_rows + k[None, :], mask=k[None, :] < D, other=0.0)
-            if DOT_FP32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + tl.where(col_ok, cols, v_begin)).to(tl.float32)[None, :]
-        z = round_to(acc, hidden_ptr.dtype.element_ty, DOT_FP32).to(tl.float32)  # logits in the input dtype
+        z = logits_tile(h_rows, w_rows, bias_ptr, tl.where(col_ok, cols, v_begin), D, HAS_BIAS, EVEN_K, DOT_FP32,
+                        DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)          # [BLOCK_M, BLOCK_N] logits, fp32
         s, _ = scores(z, softcap, HAS_SOFTCAP)                            # scores, fp32
         # (a masked column never equals a target of this split, the only one whose logit is stored)
         target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], s, 0.0), axis=1)
