@@ -13,10 +13,10 @@ Methods (METHODS=comma list selects):
   inductor_lce  torch.compile(fn, options=inductor_lce.options()): the graph pass emits our ops (the default,
                 three-GEMM algorithm here: gradients in the forward, lce_fused)
   inductor_lce_lean  the same with options(lean=True): the recompute algorithm (lce_forward + lce_backward)
-  inductor_lce_inlined  the pass, then lowerings.inline.InlineTritonOps in the joint slot (lean ops only)
+  inductor_lce_inlined  the pass, then lowering.inline.InlineTritonOps in the joint slot (lean ops only)
   lce_op        inductor_lce.linear_cross_entropy eagerly (mean: the three-GEMM algorithm)
   lce_op_g2     lean: the recompute ops eagerly with Settings.row_groups=2 (one extra bf16 rounding of grad_weight)
-  NAME@k=v;k=v  any method with lowerings.SETTINGS fields set while it runs (e.g.
+  NAME@k=v;k=v  any method with lowering.SETTINGS fields set while it runs (e.g.
                 inductor_lce@fused_state=fp32;fused_workspace_bytes=3e9): sweeps of the plan
   lce_traced    torch.compile of a function calling our triton_op directly (Inductor traces into it and
                 emits the kernels itself)
@@ -180,10 +180,10 @@ def method_fn(m):
         import inductor_lce
 
         return torch.compile(naive, options=inductor_lce.options(lean=True))
-    if m == "inductor_lce_inlined":  # the pass, then lowerings.inline: Inductor emits our kernels itself
+    if m == "inductor_lce_inlined":  # the pass, then lowering.inline: Inductor emits our kernels itself
         import inductor_lce
         from inductor_lce.entry import ChainedPass
-        from inductor_lce.lowerings.inline import InlineTritonOps
+        from inductor_lce.lowering.inline import InlineTritonOps
 
         opts = inductor_lce.options(lean=True)
         opts["joint_custom_pre_pass"] = ChainedPass(opts["joint_custom_pre_pass"], InlineTritonOps())
@@ -199,7 +199,7 @@ def method_fn(m):
             return inductor_lce.linear_cross_entropy(h, w, y, reduction="none").sum() / (y != -100).sum()
         return lean_op
     if m == "lce_traced":
-        import inductor_lce.lowerings  # noqa: F401  (registers the triton ops)
+        import inductor_lce.lowering  # noqa: F401  (registers the triton ops)
 
         def traced(h, w, y):
             loss, _, _ = torch.ops.inductor_lce.lce_forward_triton(h, w, None, y, -100)
@@ -217,10 +217,10 @@ def versions():
 
 
 def _set_settings(spec):
-    """``k=v;k=v`` -> set those lowerings.SETTINGS fields (numbers parsed); returns the old values."""
+    """``k=v;k=v`` -> set those lowering.SETTINGS fields (numbers parsed); returns the old values."""
     if not spec:
         return {}
-    from inductor_lce.lowerings import SETTINGS
+    from inductor_lce.lowering import SETTINGS
 
     old = {}
     for item in spec.split(";"):
@@ -241,7 +241,7 @@ def _set_settings(spec):
 
 def _restore_settings(old):
     if old:
-        from inductor_lce.lowerings import SETTINGS
+        from inductor_lce.lowering import SETTINGS
 
         for key, value in old.items():
             setattr(SETTINGS, key, value)
@@ -251,7 +251,7 @@ def _set_row_groups(value):
     """Set Settings.row_groups (backward reads it when it runs, after the forward returns); returns the old."""
     if value is None:
         return None
-    from inductor_lce.lowerings import SETTINGS
+    from inductor_lce.lowering import SETTINGS
 
     old, SETTINGS.row_groups = SETTINGS.row_groups, value
     return old
@@ -301,7 +301,7 @@ def host_profile(shapes, calls=30):
     import cProfile
     import pstats
 
-    import inductor_lce.lowerings  # noqa: F401  (registers the triton ops)
+    import inductor_lce.lowering  # noqa: F401  (registers the triton ops)
 
     for N, D, V in shapes:
         h, w, y = make_inputs(N, D, V)
@@ -495,8 +495,8 @@ SWEEP_GEMM_CONFIGS = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64,
 
 def compile_report():
     """Offline (no GPU): registers, spills, shared memory and wgmma count per kernel, variant and config."""
-    from inductor_lce.lowerings import grad_logits, lse_forward, matmul_accumulate
-    from inductor_lce.lowerings._compile_check import compile_sm90, ptxas_report
+    from inductor_lce.kernels import grad_logits, lse_forward, matmul_accumulate
+    from inductor_lce.lowering._compile_check import compile_sm90, ptxas_report
 
     common = dict(DOT_FP32=False, DOT_PRECISION="tf32")
     for cfg in SWEEP_GEMM_CONFIGS:
@@ -525,8 +525,8 @@ def sweep(shapes):
     """Kernel-level timings of the three-GEMM loop's pieces at each shape: one row chunk of the default plan,
     each variant of the grad_weight accumulation, x_chunks = time x chunk count (correctness:
     tests/test_kernels.py). The recompute path's pieces show in --profile."""
-    import inductor_lce.lowerings as L
-    from inductor_lce.lowerings import lce_triton as I
+    import inductor_lce.lowering as L
+    from inductor_lce.lowering import lce_triton as I
 
     info = versions()
     log(json.dumps(info))

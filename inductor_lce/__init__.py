@@ -8,11 +8,11 @@ graph into custom ops that never materialize the [N, V] logits.
 from . import ops
 from .entry import install, is_installed, options, uninstall
 from .explain import explain
-from .graph_pass import LinearCrossEntropyPass
+from .graph import LinearCrossEntropyPass
 from .ops import linear_cross_entropy
 
 try:  # faster kernels per device, where available (never required)
-    from . import lowerings as _lowerings  # noqa: F401
+    from . import lowering as _lowering  # noqa: F401
 except ImportError:
     pass
 

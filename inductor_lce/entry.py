@@ -6,7 +6,7 @@ from typing import Any, Optional
 import torch._inductor.config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from .graph_pass import LinearCrossEntropyPass
+from .graph import LinearCrossEntropyPass
 
 # The joint graph is where training memory is saved; the post-grad slot catches inference
 # graphs that reach Inductor without a joint pass (and explains itself on training graphs).

@@ -22,13 +22,14 @@ soft-capping) instead of the logits.  Reductions (mean / sum / none), label
 smoothing, z-loss and the causal shift are plain PyTorch on the three outputs, so
 the graph pass can keep whatever the user's graph computes around them.  The
 device implementation is pluggable: the default kernel is the chunked reference;
-``inductor_lce.lowerings`` registers faster kernels per device with ``register_kernel``.
+``inductor_lce.lowering`` registers faster kernels per device with ``register_kernel``, and ops with the
+same schemas for the graph pass to emit (``register_device_ops``; ``ops_for`` is the one place that picks them).
 """
 from __future__ import annotations
 
 import math
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -148,6 +149,32 @@ def register_lce_autograd(forward_op, backward_op) -> None:
 
 
 register_lce_autograd(lce_forward, lce_backward)
+
+
+class DeviceOps(NamedTuple):
+    """The OpOverloads the graph pass emits for one device type (same schemas and semantics as the reference ops)."""
+    forward: "torch._ops.OpOverload"    # lce_forward's schema
+    backward: "torch._ops.OpOverload"   # lce_backward's schema
+    fused: "torch._ops.OpOverload"      # lce_fused's schema (the three-GEMM algorithm)
+
+
+_DEVICE_OPS: dict = {}  # device type -> DeviceOps, filled by the lowering (inductor_lce/lowering/__init__.py)
+
+
+def register_device_ops(device_type: str, forward, backward, fused) -> None:
+    """The lowering's ops for tensors on ``device_type`` (e.g. "cuda" with a working Triton)."""
+    _DEVICE_OPS[device_type] = DeviceOps(forward, backward, fused)
+
+
+def ops_for(device_type: str) -> DeviceOps:
+    """(forward, backward, fused) OpOverloads the graph pass should emit for tensors on ``device_type``: those a
+    lowering registered for it (``inductor_lce::lce_*_triton`` on "cuda" with a working Triton), anything else
+    ``inductor_lce::lce_forward`` / ``lce_backward`` / ``lce_fused`` (chunked PyTorch reference)."""
+    found = _DEVICE_OPS.get(device_type)
+    if found is not None:
+        return found
+    return DeviceOps(torch.ops.inductor_lce.lce_forward.default, torch.ops.inductor_lce.lce_backward.default,
+                     torch.ops.inductor_lce.lce_fused.default)
 
 _REDUCTIONS = ("mean", "sum", "none")
 

@@ -9,7 +9,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import inductor_lce
 from inductor_lce.entry import ChainedPass
-from inductor_lce.graph_pass import graph_kind
+from inductor_lce.graph.driver import graph_kind
 
 
 class Recorder(CustomGraphPass):

@@ -43,12 +43,15 @@ def test_options_has_both_slots():
 
 
 def test_uuid_follows_the_source():
-    from inductor_lce import graph_pass
+    import pathlib
+
+    from inductor_lce.graph import driver
 
     p = inductor_lce.LinearCrossEntropyPass()
     assert p.uuid() == inductor_lce.LinearCrossEntropyPass().uuid()
     assert p.uuid() != inductor_lce.LinearCrossEntropyPass(report_training_graphs=False).uuid()
-    assert graph_pass.__file__ in graph_pass._source_files()
+    package = pathlib.Path(inductor_lce.__file__).parent  # every source file of the package, subpackages included
+    assert set(driver._source_files()) == {str(f) for f in package.rglob("*.py")}
 
 
 def test_install_chains_with_user_passes_and_uninstall_restores():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounter
 
 import inductor_lce
-from inductor_lce import skips
+from inductor_lce.graph import skips
 
 # a graph node's name (view_21, primals_1, amax_1), outside the user's code quoted in `backticks`
 NODE_NAME = re.compile(r"\b[a-z_]+_\d+\b")

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import inductor_lce
-from inductor_lce import skips
+from inductor_lce.graph import skips
 from inductor_lce.backend import inductor_lce_backend
 from helpers import rewrites, skips as skip_counts
 

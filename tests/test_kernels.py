@@ -1,7 +1,7 @@
-"""The Triton lowerings (inductor_lce/lowerings) against reference.py.
+"""The Triton lowering (inductor_lce/lowering, its kernels in inductor_lce/kernels) against reference.py.
 
 CPU (CI): the kernels run on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``). Triton reads
-that variable when a kernel is decorated, i.e. when ``inductor_lce.lowerings`` is first imported, so unless
+that variable when a kernel is decorated, i.e. when ``inductor_lce.lowering`` is first imported, so unless
 this process already interprets, all interpreted cases run in ONE worker subprocess (this file run as a
 script) that saves its outputs; the tests here compare them with the reference. Interpreter notes:
 
@@ -25,7 +25,7 @@ already 2.4e-3 off after 3 slabs) and 3e-3 on the GPU (bf16 tensor-core dots
 and cuBLAS round logits/grads in other orders); and against float64 math on the same inputs (soft-cap and
 its derivative in float64 too) within 1.1x eager's own error (CPU; 1.25x on the GPU); plain bf16
 accumulation of grad_hidden over the 25 slabs of ``many_slabs_bf16`` would be 3.3x eager's. The kernels'
-tanh (``lowerings/_tanh.py``, exp2 + polynomial, as libdevice's cannot be interpreted): within 2 ulps of
+tanh (``kernels/_tanh.py``, exp2 + polynomial, as libdevice's cannot be interpreted): within 2 ulps of
 float64 tanh (measured 1.6; torch.tanh 0.51). GPU (skipped without CUDA): the same checks at larger
 shapes, and the ops through torch.compile; the fused op in each plan (cuBLAS and Triton fp32 accumulation), under
 torch.compile, and its memory against its plan. On the CPU also: plan_fused's rule, the fused op traced with fake
@@ -48,7 +48,7 @@ try:  # the worker's tanh probe kernel (decorated here: in the worker this modul
     import triton
     import triton.language as tl
 
-    from inductor_lce.lowerings._tanh import tanh_f32
+    from inductor_lce.kernels._tanh import tanh_f32
 except ImportError:
     triton = tl = tanh_f32 = None
 
@@ -206,7 +206,7 @@ def case_inputs(case: Case):
 def run_ops(inputs, ignore_index, settings, softcap=0.0):
     """Our two ops (the triton_op entry points) on ``inputs``, with ``settings`` applied:
     (loss, lse, sum_logits, grad_hidden, grad_weight, grad_bias)."""
-    from inductor_lce.lowerings import SETTINGS
+    from inductor_lce.lowering import SETTINGS
 
     hidden, weight, bias, target, grad_loss, grad_lse, grad_sum = inputs
     saved = {k: getattr(SETTINGS, k) for k in settings}
@@ -241,7 +241,7 @@ def fused_case_inputs(fused: FusedCase):
 def run_fused(inputs, ignore_index, settings, softcap=0.0):
     """The fused triton_op on ``inputs`` with ``settings`` applied: ((loss, lse, grad_hidden, grad_weight,
     grad_bias), (state_mode, chunk_rows) of the plan those settings give)."""
-    from inductor_lce.lowerings import SETTINGS, lce_triton
+    from inductor_lce.lowering import SETTINGS, lce_triton
 
     hidden, weight, bias, target, grad_scale = inputs[:5]
     saved = {k: getattr(SETTINGS, k) for k in settings}
@@ -276,7 +276,7 @@ def tanh_probe_inputs():
 def _grad_weight_kernels_interpreted():
     """{state: (outputs with the TMA kernel, outputs with the pointer kernel, TMA launches)} of the fused op over
     several chunks, ragged in every dim (V = 300, D = 48, last chunk 8 of 200 rows)."""
-    from inductor_lce.lowerings import lce_triton
+    from inductor_lce.lowering import lce_triton
 
     launches = []
     orig = lce_triton._launch_tma
@@ -304,7 +304,7 @@ def _grad_weight_kernels_interpreted():
 def _worker(out_path):
     """Subprocess body (TRITON_INTERPRET=1 is set before anything imports triton)."""
     torch.set_num_threads(1)
-    import inductor_lce.lowerings as L
+    import inductor_lce.lowering as L
 
     assert L.AVAILABLE and L._impl.INTERPRET, L.UNAVAILABLE_REASON
     results = {}
@@ -481,7 +481,7 @@ def test_interpreted_fused_matches_reference(interpreted, case):
 
 def test_fused_plan():
     """plan_fused: the workspace rule, the state chosen per case, chunk rows, the recompute fallback."""
-    import inductor_lce.lowerings as L
+    import inductor_lce.lowering as L
 
     if not L.AVAILABLE:
         pytest.skip(f"triton lowering unavailable: {L.UNAVAILABLE_REASON}")
@@ -552,7 +552,7 @@ def test_fused_plan():
 def test_tuning_split():
     """The first eager launch of an autotuning key runs on its first rows alone (tuning then copies only those);
     later and traced launches cover all rows at once."""
-    import inductor_lce.lowerings as L
+    import inductor_lce.lowering as L
 
     if not L.AVAILABLE:
         pytest.skip(f"triton lowering unavailable: {L.UNAVAILABLE_REASON}")
@@ -568,7 +568,7 @@ def test_fused_traces_with_fake_tensors():
     """Traced (Inductor decomposing the triton_op: fake tensors, functionalized), lce_fused_impl plans for traced code
     and emits per chunk one row-kernel launch and, beyond one chunk, one matmul_accumulate launch (the cuBLAS fp32
     path is eager-only); the recompute fallback emits the forward / backward kernels. No kernel runs here."""
-    import inductor_lce.lowerings as L
+    import inductor_lce.lowering as L
 
     if not L.AVAILABLE or L._impl.INTERPRET:
         pytest.skip("triton lowering unavailable or interpreted")
@@ -629,30 +629,30 @@ def test_interpreted_tanh_accuracy(interpreted):
 
 
 def test_ops_for_cpu_is_reference():
-    from inductor_lce.lowerings import ops_for
+    from inductor_lce.ops import ops_for
 
     assert ops_for("cpu") == (torch.ops.inductor_lce.lce_forward.default,
-                              torch.ops.inductor_lce.lce_backward.default)
+                              torch.ops.inductor_lce.lce_backward.default, torch.ops.inductor_lce.lce_fused.default)
 
 
 def test_ops_for_cuda_schema_matches_reference():
-    import inductor_lce.lowerings as L
+    import inductor_lce.lowering as L
+    from inductor_lce.ops import ops_for
 
     if not L.AVAILABLE:
         pytest.skip(f"triton lowering unavailable: {L.UNAVAILABLE_REASON}")
-    fwd, bwd = L.ops_for("cuda")
+    fwd, bwd, fused = ops_for("cuda")
     ref_f, ref_b = torch.ops.inductor_lce.lce_forward.default, torch.ops.inductor_lce.lce_backward.default
     strip = lambda s: str(s).split("(", 1)[1]  # noqa: E731  (drop the op name)
     assert strip(fwd._schema) == strip(ref_f._schema)
     assert strip(bwd._schema) == strip(ref_b._schema)
-    fused = L.fused_op_for("cuda")
     assert fused == torch.ops.inductor_lce.lce_fused_triton.default
     assert strip(fused._schema) == strip(torch.ops.inductor_lce.lce_fused.default._schema)
-    assert L.fused_op_for("cpu") == torch.ops.inductor_lce.lce_fused.default
+    assert ops_for("cpu").fused == torch.ops.inductor_lce.lce_fused.default
 
 
 def test_backward_plan_fits_workspace():
-    import inductor_lce.lowerings as L
+    import inductor_lce.lowering as L
 
     if not L.AVAILABLE:
         pytest.skip(f"triton lowering unavailable: {L.UNAVAILABLE_REASON}")
@@ -669,7 +669,7 @@ def _sm90_builds():
     tiles must stay fp32 (a loop-carried fp32 that turns fp64 does not compile). matmul_accumulate is built with
     the stride specializations of its two uses: grad_hidden (A row-major) and grad_weight (A = the chunk transposed,
     M-major), the latter in every config and both modes."""
-    from inductor_lce.lowerings._config import configs, row_configs
+    from inductor_lce.kernels._config import configs, row_configs
 
     common = dict(DOT_FP32=False, DOT_PRECISION="tf32")
     f, g, h = (configs(k)[0] for k in ("lse_forward", "grad_logits", "grad_hidden"))
@@ -724,16 +724,16 @@ def test_kernels_build_for_hopper_offline():
     pytest.importorskip("triton")
     import importlib
 
-    import inductor_lce.lowerings as L
+    import inductor_lce.lowering as L
 
     if not L.AVAILABLE or L._impl.INTERPRET:
         pytest.skip("needs the compiled (not interpreted) Triton kernels")
     try:
-        from inductor_lce.lowerings._compile_check import compile_sm90, ptxas_report
+        from inductor_lce.lowering._compile_check import compile_sm90, ptxas_report
     except ImportError as e:
         pytest.skip(f"no Triton NVIDIA backend here: {e}")
     for name, const, cfg, gemm, types in _sm90_builds():
-        fn = getattr(importlib.import_module(f"inductor_lce.lowerings.{name}"), f"{name}_kernel_jit")
+        fn = getattr(importlib.import_module(f"inductor_lce.kernels.{name}"), f"{name}_kernel_jit")
         warps, stages = (cfg.num_warps, cfg.num_stages) if cfg else (4, 1)
         kernel = compile_sm90(fn, const, warps, stages, ptr_types=types, scalar_types={"softcap": "fp64"})
         if gemm:
@@ -760,7 +760,7 @@ def _gpu_inputs(N, D, V, bias, glse, dtype=torch.bfloat16, seed=0, grad_sum=None
     ((4099, 2304, 32000), False, False, 0.0, None), ((1000, 1024, 50257), True, True, 0.0, None),
     ((1, 256, 1000), False, True, 0.0, None), ((1000, 1024, 50257), True, True, 5.0, "smooth")])
 def test_cuda_ops_match_reference(shape, bias, glse, softcap, gsum):
-    import inductor_lce.lowerings as L
+    import inductor_lce.lowering as L
 
     assert L.AVAILABLE, L.UNAVAILABLE_REASON
     inputs = _gpu_inputs(*shape, bias, glse, grad_sum=gsum)
@@ -789,7 +789,7 @@ def test_cuda_eager_op_is_triton_and_matches(softcap, smoothing):
 @cuda
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
 def test_cuda_triton_op_under_compile(softcap):
-    import inductor_lce.lowerings  # noqa: F401
+    import inductor_lce.lowering  # noqa: F401
 
     h, w, b, y, _, _, _ = _gpu_inputs(1024, 512, 20000, True, False)
     h.requires_grad_(), w.requires_grad_(), b.requires_grad_()
@@ -830,7 +830,7 @@ _FUSED_GPU_PLANS = [
 @pytest.mark.parametrize("softcap,bias", [(0.0, False), (5.0, True)])
 @pytest.mark.parametrize("plan,settings", _FUSED_GPU_PLANS)
 def test_cuda_fused_matches_reference(plan, settings, softcap, bias):
-    import inductor_lce.lowerings as L
+    import inductor_lce.lowering as L
 
     assert L.AVAILABLE, L.UNAVAILABLE_REASON
     inputs = fused_inputs(3000, 512, 20000, torch.bfloat16, bias, 0.1, -100, "mean", device="cuda")
@@ -838,7 +838,7 @@ def test_cuda_fused_matches_reference(plan, settings, softcap, bias):
     assert state_mode == plan
     check_fused_outputs(got, inputs, -100, f"{plan} {settings}", softcap=softcap)  # references on the GPU too
     # the eager op's CUDA kernel is the same implementation
-    from inductor_lce.lowerings import SETTINGS
+    from inductor_lce.lowering import SETTINGS
 
     saved = {k: getattr(SETTINGS, k) for k in settings}
     try:
@@ -867,7 +867,7 @@ def test_cuda_fused_fp32_weights(fp32_gemm):
 @pytest.mark.parametrize("workspace", [None, 42 * _MIB])   # (traced, with a bias) compensated: 3 chunks; 4 chunks
 def test_cuda_fused_triton_op_under_compile(softcap, workspace):
     """Inductor traces the triton_op (its kernels become Inductor's own launches; softcap arrives as fp64)."""
-    from inductor_lce.lowerings import SETTINGS
+    from inductor_lce.lowering import SETTINGS
 
     inputs = fused_inputs(1024, 512, 20000, torch.bfloat16, True, 0.1, -100, "mean", device="cuda")
 
@@ -890,7 +890,7 @@ def test_cuda_fused_memory_within_plan(plan, settings, bias):
     """A warm call allocates its outputs, the planned workspace (one logits chunk at a time + the state) and a few
     [V] / [N] vectors, nothing more. (The first call of a shape also autotunes: Triton's 256 MB L2-flush buffer
     and a copy of the first 2 * SMs rows of a chunk, once.)"""
-    from inductor_lce.lowerings import SETTINGS, lce_triton
+    from inductor_lce.lowering import SETTINGS, lce_triton
 
     N, D, V = 4096, 1024, 32000
     inputs = fused_inputs(N, D, V, torch.bfloat16, bias, 0.1, -100, "mean", device="cuda")

@@ -92,8 +92,8 @@ def test_post_grad_slot_on_training_graph_skips_and_warns():
     h, w, y = _inputs()
     fn = lambda h, w, y: F.cross_entropy(F.linear(h, w).float().flatten(0, 1), y.flatten())
     compiled = torch.compile(fn, options={"post_grad_custom_pre_pass": inductor_lce.LinearCrossEntropyPass()})
-    import inductor_lce.graph_pass as gp
-    gp._warned_post_grad_training = False
+    import inductor_lce.graph.driver as driver
+    driver._warned_post_grad_training = False
     with pytest.warns(UserWarning, match="joint-graph slot"):
         compiled(h, w, y).backward()
     assert rewrites() == 0

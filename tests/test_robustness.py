@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import inductor_lce
-import inductor_lce.graph_pass as graph_pass
+import inductor_lce.graph.match as graph_match
+import inductor_lce.graph.rewrite as graph_rewrite
 import loss_patterns as P
 from helpers import rewrites, skips
 from torch._dynamo.utils import counters
@@ -126,7 +127,7 @@ def test_matcher_failure_leaves_graph_alone(monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("matcher bug")
 
-    monkeypatch.setattr(graph_pass, "match_logits_chain", broken)
+    monkeypatch.setattr(graph_match, "match_logits_chain", broken)
     h, w, y = _inputs()
     got = _run(torch.compile(P.view_3d, options=inductor_lce.options()), h, w, y)
     for a, e in zip(got, _run(P.view_3d, h, w, y)):
@@ -138,7 +139,7 @@ def test_rewrite_failure_restores_graph(monkeypatch):
     def broken(device_type):
         raise RuntimeError("rewrite bug")
 
-    monkeypatch.setattr(graph_pass, "_ops_for", broken)
+    monkeypatch.setattr(graph_rewrite, "ops_for", broken)
     h, w, y = _inputs()
     got = _run(torch.compile(P.shift_slice, options=inductor_lce.options()), h, w, y)
     for a, e in zip(got, _run(P.shift_slice, h, w, y)):

@@ -1,4 +1,4 @@
-"""One table of skip reasons (inductor_lce/skips.py): every reason the package raises has a row with a
+"""One table of skip reasons (inductor_lce/graph/skips.py): every reason the package raises has a row with a
 hint, the README's "Current limits" table is that table, and the pass logs the hint with the skip."""
 import ast
 import logging
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import inductor_lce
-from inductor_lce import skips
+from inductor_lce.graph import skips
 from helpers import skips as skip_counts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def test_the_scan_finds_the_reasons():
 def test_every_raised_reason_is_in_the_table():
     found = raised_reasons()
     unknown = {r: sorted(files) for r, files in found.items() if r not in skips.SKIPS and r not in skips.NOT_SKIPS}
-    assert not unknown, f"add these reasons to inductor_lce/skips.py (SKIPS, with a hint): {unknown}"
+    assert not unknown, f"add these reasons to inductor_lce/graph/skips.py (SKIPS, with a hint): {unknown}"
 
 
 def test_every_row_is_a_raised_reason_with_a_hint():
@@ -73,7 +73,7 @@ def test_readme_limits_table_is_the_skip_table():
     section = readme[readme.index("### Current limits"):]
     table = "\n".join(line for line in section.splitlines()[1:40] if line.startswith("|"))
     assert table == skips.markdown_table(), (
-        "README.md's 'Current limits' table differs from inductor_lce.skips.markdown_table(): paste its output")
+        "README.md's 'Current limits' table differs from inductor_lce.graph.skips.markdown_table(): paste its output")
     for reason in skips.SKIPS:
         assert f"`{reason}`" in table
 

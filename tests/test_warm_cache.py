@@ -1,7 +1,7 @@
 """Counts and the explain report when the compiled code comes from Inductor's caches.
 
 A cache hit skips the pass; what it decided comes back through the counter deltas Inductor stores with
-each compiled FX graph (see graph_pass.py, "counting and the report"). These tests turn the caches back
+each compiled FX graph (see graph/driver.py, "counting and the report"). These tests turn the caches back
 on (conftest turns them off) in a fresh cache directory."""
 import contextlib
 import json
@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.utils import fresh_cache
 
 import inductor_lce
-from inductor_lce import graph_pass, skips
+from inductor_lce.graph import driver, skips
 
 EXPECTED = {"rewrites": 1, "algorithm_three_gemm": 1, "skip_class_weights": 1}
 
@@ -48,12 +48,12 @@ def _compile_twice(fn, inputs, backward=True, **options):
     for _ in range(2):
         torch._dynamo.reset()
         counters.clear()
-        start = len(graph_pass.REPORT)
+        start = len(driver.REPORT)
         out = torch.compile(fn, options=inductor_lce.options(**options))(*inputs)
         if backward:
             out.backward()
         torch.testing.assert_close(out, fn(*inputs))
-        results.append((dict(counters["inductor_lce"]), graph_pass.REPORT[start:],
+        results.append((dict(counters["inductor_lce"]), driver.REPORT[start:],
                         counters["aot_autograd"]["autograd_cache_hit"]))
     return results
 
@@ -129,10 +129,10 @@ def test_joint_slot_alone_counts_when_it_runs():
 def test_decisions_the_post_grad_slot_did_not_count_are_counted_at_the_end(monkeypatch):
     """As if the forward graph compiled where the waiting decisions cannot be seen (no cache hit either):
     the end of the compile counts them, once."""
-    monkeypatch.setattr(graph_pass, "_flush_pending", lambda: None)
+    monkeypatch.setattr(driver, "_flush_pending", lambda: None)
     torch.compile(two_sites, options=inductor_lce.options())(*_inputs()).backward()
     assert dict(counters["inductor_lce"]) == EXPECTED
-    assert not graph_pass._PENDING
+    assert not driver._PENDING
 
 
 SCRIPT = textwrap.dedent("""

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .. import graph_pass, skips
+from ..graph import driver, skips
 from ..entry import install, options, uninstall
 
 
@@ -64,11 +64,11 @@ def explain(fn: Callable, *args, **kwargs) -> list:
     more entry next to the user's own (a recompile: the backend differs); nothing is reset, so models
     the user already compiled stay compiled. The compile caches stay on: a cache hit replays the report.
     """
-    graph_pass.sync()
-    start = len(graph_pass.REPORT)
+    driver.sync()
+    start = len(driver.REPORT)
     torch.compile(fn, options=options())(*args, **kwargs)
-    graph_pass.sync()
-    report = graph_pass.REPORT[start:]
+    driver.sync()
+    report = driver.REPORT[start:]
     print(format_report(report))
     return report
 
@@ -79,8 +79,8 @@ def main(argv=None) -> int:
         print(__doc__)
         return 0 if argv else 2
     script = argv[0]
-    graph_pass.sync()
-    start = len(graph_pass.REPORT)
+    driver.sync()
+    start = len(driver.REPORT)
     saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv = argv
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python train.py` would
@@ -90,9 +90,9 @@ def main(argv=None) -> int:
     finally:
         uninstall()
         sys.argv, sys.path[:] = saved_argv, saved_path
-        graph_pass.sync()
+        driver.sync()
         print("\n== inductor_lce: cross-entropy sites ==")
-        print(format_report(graph_pass.REPORT[start:]))
+        print(format_report(driver.REPORT[start:]))
     return 0
 
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 
 def _short_path(path: str) -> str:
-    """Relative to the working directory when under it, as ``graph_pass.source`` writes paths."""
+    """Relative to the working directory when under it, as ``graph.match.source`` writes paths."""
     try:
         rel = os.path.relpath(path)
     except ValueError:

@@ -51,14 +51,14 @@ try:  # host-side TMA descriptors (matmul_accumulate_tma.py)
 except ImportError:  # pragma: no cover - older Triton: the pointer kernel everywhere
     TensorDescriptor = None
 
-from ._config import DOT_FP32, INTERPRET, LN2
-from .grad_logits import grad_logits_kernel
-from .grad_logits_inplace import grad_logits_inplace_kernel
-from .lse_forward import lse_forward_kernel
-from .lse_update import lse_update_kernel
-from .matmul_accumulate import matmul_accumulate_kernels
-from .matmul_accumulate_tma import matmul_accumulate_tma_kernels
-from .softmax_grad_rows import softmax_grad_rows_kernel
+from ..kernels._config import DOT_FP32, INTERPRET, LN2
+from ..kernels.grad_logits import grad_logits_kernel
+from ..kernels.grad_logits_inplace import grad_logits_inplace_kernel
+from ..kernels.lse_forward import lse_forward_kernel
+from ..kernels.lse_update import lse_update_kernel
+from ..kernels.matmul_accumulate import matmul_accumulate_kernels
+from ..kernels.matmul_accumulate_tma import matmul_accumulate_tma_kernels
+from ..kernels.softmax_grad_rows import softmax_grad_rows_kernel
 
 __all__ = ["Settings", "SETTINGS", "lce_forward_impl", "lce_backward_impl", "lce_fused_impl", "plan_backward",
            "plan_fused", "FusedPlan", "forward_splits"]

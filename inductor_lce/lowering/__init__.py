@@ -15,9 +15,10 @@ CUDA (when Triton imports): three ``torch.library.triton_op``s with exactly the 
 (``softcap > 0``: Gemma 2's logit soft-cap, s = softcap * tanh(logits / softcap); a compile-time flag of the
 kernels, so ``softcap=0`` runs the plain kernels.)
 
-``ops_for(device_type)`` tells the graph pass which pair to emit, ``fused_op_for(device_type)`` which fused op.
-Importing this package also makes the Triton implementation the CUDA kernel of the eager ops, so
-``inductor_lce.linear_cross_entropy`` on CUDA tensors is fast without ``torch.compile``.
+Importing this package registers them with ``inductor_lce.ops.register_device_ops("cuda", ...)``, so the graph
+pass emits them on CUDA tensors (``inductor_lce.ops.ops_for``: the one place that picks the op per device), and
+makes the Triton implementation the CUDA kernel of the eager ops, so ``inductor_lce.linear_cross_entropy`` on CUDA
+tensors is fast without ``torch.compile``. The host code is ``lce_triton.py``; the kernels are in ``../kernels``.
 
 How Inductor runs the Triton ops depends on where they enter the graph:
 * present while AOTAutograd traces (a user calling ``lce_forward_triton`` under ``torch.compile``): the
@@ -29,8 +30,8 @@ How Inductor runs the Triton ops depends on where they enter the graph:
   ``inline.InlineTritonOps`` expand such nodes into the kernel calls; correct, but at large V Inductor
   then keeps all grad_logits slabs alive (see inline.py and bench/NOTES.md), so it is opt-in.
 
-Nothing here is required: on a machine without a working Triton, ``ops_for`` returns the reference ops
-and importing this package never fails.
+Nothing here is required: on a machine without a working Triton, nothing is registered (``ops_for`` returns
+the reference ops) and importing this package never fails.
 """
 from __future__ import annotations
 
@@ -100,6 +101,9 @@ if AVAILABLE:
         return lce_fused_impl(hidden, weight, bias, target, grad_scale, ignore_index, softcap)
 
     _ops.register_lce_autograd(lce_forward_triton, lce_backward_triton)
+    _ops.register_device_ops("cuda", torch.ops.inductor_lce.lce_forward_triton.default,
+                             torch.ops.inductor_lce.lce_backward_triton.default,
+                             torch.ops.inductor_lce.lce_fused_triton.default)
 
     # The eager ops' CUDA kernels: the same implementation, launched directly.
     @_ops.lce_forward.register_kernel("cuda")
@@ -120,26 +124,6 @@ if AVAILABLE:
             return lce_fused_impl(hidden, weight, bias, target, grad_scale, ignore_index, softcap)
 
 
-def ops_for(device_type: str):
-    """(forward, backward) OpOverloads the graph pass should emit for tensors on ``device_type``.
-
-    "cuda" with a working Triton: the triton_ops (same schema and semantics as the reference ops);
-    anything else: ``inductor_lce::lce_forward`` / ``lce_backward`` (chunked PyTorch reference)."""
-    if device_type == "cuda" and AVAILABLE:
-        return (torch.ops.inductor_lce.lce_forward_triton.default,
-                torch.ops.inductor_lce.lce_backward_triton.default)
-    return torch.ops.inductor_lce.lce_forward.default, torch.ops.inductor_lce.lce_backward.default
-
-
-def fused_op_for(device_type: str):
-    """The OpOverload of the fused (three-GEMM) op the graph pass should emit for tensors on ``device_type``:
-    "cuda" with a working Triton: ``inductor_lce::lce_fused_triton``; anything else: ``inductor_lce::lce_fused``
-    (chunked PyTorch reference). Same schema and semantics."""
-    if device_type == "cuda" and AVAILABLE:
-        return torch.ops.inductor_lce.lce_fused_triton.default
-    return torch.ops.inductor_lce.lce_fused.default
-
-
-__all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "ops_for", "fused_op_for"] + (
+__all__ = ["AVAILABLE", "UNAVAILABLE_REASON"] + (
     ["SETTINGS", "Settings", "lce_forward_triton", "lce_backward_triton", "lce_fused_triton"] if AVAILABLE else []
 )

@@ -130,5 +130,6 @@ class InlineTritonOps(CustomGraphPass):
         import os
 
         here = os.path.dirname(os.path.abspath(__file__))
-        files = sorted(os.path.join(here, f) for f in os.listdir(here) if f.endswith(".py"))
+        dirs = (here, os.path.join(os.path.dirname(here), "kernels"))  # the host code and the kernels it inlines
+        files = sorted(os.path.join(d, f) for d in dirs for f in os.listdir(d) if f.endswith(".py"))
         return get_hash_for_files(tuple(files))
