@@ -47,9 +47,10 @@ def _compiled(method: str, mode: str):
 
 
 def _steady_footprint(fn, h, w, y, warm_steps=4, steps=3) -> dict:
-    """Peak memory of steady-state steps above what was live before this method compiled anything, so that a
-    CUDA-graph pool (allocated while recording, kept between replays) counts; bench_lce.measure's figure is taken
-    on the second step, which under mode="reduce-overhead" is the recording run."""
+    """Peak reserved memory of steady-state steps above what was reserved before this method compiled anything
+    (both after empty_cache), so that a CUDA-graph pool counts: replays allocate nothing, so max_memory_allocated
+    does not see the pool. bench_lce.measure's figure is taken on the second step, which under
+    mode="reduce-overhead" is the recording run. Reserved memory rounds up to the allocator's segments."""
     def step():
         h.grad = None
         w.grad = None
@@ -60,11 +61,13 @@ def _steady_footprint(fn, h, w, y, warm_steps=4, steps=3) -> dict:
     for _ in range(warm_steps):
         step()
     torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.empty_cache()   # reserved = what is in use, plus the CUDA-graph pools (empty_cache keeps them)
     torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
         step()
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - _BASE[0]
+    peak = torch.cuda.max_memory_reserved() - _BASE[0]
     grads = h.numel() * h.element_size() + w.numel() * w.element_size()
     h.grad = None
     w.grad = None
@@ -99,7 +102,7 @@ def main():
                 gc.collect()
                 torch.cuda.empty_cache()
                 torch.cuda.synchronize()
-                _BASE[0] = torch.cuda.memory_allocated()   # the inputs (and reference) only
+                _BASE[0] = torch.cuda.memory_reserved()   # the inputs (and reference) only, after empty_cache
                 fn = _compiled(method, mode)
                 r = B.measure(method, fn, h, w, y, ref)
                 r.update(_steady_footprint(fn, h, w, y))
