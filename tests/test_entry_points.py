@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
@@ -142,3 +143,28 @@ def test_fx_graph_cache_hit_still_rewritten():
             key = "fxgraph_cache_miss" if attempt == 0 else "fxgraph_cache_hit"
             assert counters["inductor"][key] >= 1, dict(counters["inductor"])
             torch.testing.assert_close(out, loss_fn(h, w, y))
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune-no-cudagraphs"])
+@pytest.mark.parametrize("entry", ["backend", "install"])
+def test_compile_modes_keep_the_pass(entry, mode):
+    """The two ways the README gives to combine the pass with a compile mode (torch.compile refuses mode= with
+    options=): the site is rewritten, loss and grads as eager's. (On the CPU, reduce-overhead's CUDA graphs do not
+    apply; the GPU figures are bench/compile_modes.py's.)"""
+    h, w, y = _inputs()
+    want = loss_fn(h, w, y)
+    want_grads = torch.autograd.grad(want, (h, w))
+    try:
+        if entry == "install":
+            inductor_lce.install()
+            compiled = torch.compile(loss_fn, mode=mode)
+        else:
+            compiled = torch.compile(loss_fn, backend="inductor_lce", mode=mode)
+        got = compiled(h, w, y)
+        got_grads = torch.autograd.grad(got, (h, w))
+    finally:
+        inductor_lce.uninstall()
+    assert rewrites() == 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, r in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
