@@ -3,6 +3,7 @@ mode=None, "reduce-overhead" (CUDA graphs) and "max-autotune", per shape: median
 bench_lce.py measures it) and whether Inductor ran the step as a CUDA graph (its skip counter and reasons).
 
     python bench/compile_modes.py                     # SHAPES / MODES env as in bench_lce.py; MODES=default,...
+    DONATED_BUFFER=0 python bench/compile_modes.py    # torch._functorch.config.donated_buffer off (diagnosis)
     # one JSON line per (shape, mode, method) on stdout and in $OUT/compile_modes.jsonl, then a table
 
 The "saving" column is the memory plain torch.compile takes above ours in the same mode: issue 10 asks that it
@@ -48,6 +49,8 @@ def main():
     from torch._dynamo.utils import counters
 
     torch.backends.cuda.matmul.allow_tf32 = False
+    if os.environ.get("DONATED_BUFFER") in ("0", "1"):  # AOTAutograd's reuse of saved buffers in the backward
+        torch._functorch.config.donated_buffer = os.environ["DONATED_BUFFER"] == "1"
     shapes = json.loads(os.environ.get("SHAPES", json.dumps(B.SHAPES)))
     modes = os.environ.get("MODES", ",".join(MODES)).split(",")
     torch._logging.set_logs(perf_hints=True)
