@@ -13,21 +13,13 @@ Only ``graph_break_reasons`` is private (torch 2.11 to 2.13 have it); without it
 from __future__ import annotations
 
 import inspect
-import os
 from typing import Optional
 
-
-def _short_path(path: str) -> str:
-    """Relative to the working directory when under it, as ``graph.match.source`` writes paths."""
-    try:
-        rel = os.path.relpath(path)
-    except ValueError:
-        return path
-    return rel if not rel.startswith("..") else path
+from ..graph.match import short_path
 
 
 def _where(frame) -> str:
-    return f"{_short_path(frame.filename)}:{frame.lineno} in {frame.name}"
+    return f"{short_path(frame.filename)}:{frame.lineno} in {frame.name}"
 
 
 def _records() -> list:

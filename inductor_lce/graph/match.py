@@ -54,6 +54,15 @@ _FRAME = re.compile(r'\s*File "(.+)", line (\d+), in (.+)')
 _RESUME = re.compile(r"^torch_dynamo_resume_in_(.+)_at_\d+$")
 
 
+def short_path(path: str) -> str:
+    """``path`` relative to the working directory when under it (how reports name the user's files)."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive
+        return path
+    return rel if not rel.startswith("..") else path
+
+
 def source(node: Node) -> tuple:
     """(``path:line in function``, the line's code) of the user's code that computed ``node``, from
     its stack trace (``("", "")`` when it has none). Paths under the working directory are relative."""
@@ -62,12 +71,7 @@ def source(node: Node) -> tuple:
         m = _FRAME.match(lines[i])
         if m is None:
             continue
-        path = m.group(1)
-        try:
-            rel = os.path.relpath(path)
-            path = rel if not rel.startswith("..") else path
-        except ValueError:
-            pass
+        path = short_path(m.group(1))
         code = lines[i + 1].strip() if i + 1 < len(lines) and not _FRAME.match(lines[i + 1]) else ""
         # code after a graph break runs in a function Dynamo names torch_dynamo_resume_in_<function>_at_<line>
         function = _RESUME.sub(r"\1", m.group(3))
@@ -164,8 +168,8 @@ def analyze(site: Site, low_precision_logits: bool = False) -> Site:
     try:
         chain = site.chain = match_logits_chain(lsm.input)
     except NoMatch as e:
-        if e.reason == "no_matmul":
-            _check_logits_input(site)
+        if e.reason == "logits_input":
+            raise _logits_input(site, e.node) from None
         raise
     site.lse_uses = _match_lse_uses(site)
     for node in chain.nodes + lsm.nodes + site.post_views + site.nll.nodes:
@@ -204,20 +208,13 @@ def analyze(site: Site, low_precision_logits: bool = False) -> Site:
     return site
 
 
-def _check_logits_input(site: Site) -> None:
+def _logits_input(site: Site, placeholder: Node) -> NoMatch:
     """Logits that are a graph input were computed in an earlier graph: say so, and which graph break
     (Dynamo's record, see explain/breaks.py) put the lm-head there."""
-    node = site.log_softmax.input
-    for _ in range(64):  # the walk match_logits_chain made, up to where it left the graph's ops
-        if not isinstance(node, Node) or node.op != "call_function" or not node.args:
-            break
-        node = node.args[0]
-    if not isinstance(node, Node) or node.op != "placeholder":
-        return
     from ..explain.breaks import graph_break  # here: the explain package imports the graph package
 
     found = graph_break()
-    raise NoMatch("logits_input", f"the logits are {describe(node, site)}: " + (
+    return NoMatch("logits_input", f"the logits are {describe(placeholder, site)}: " + (
         f"a graph break separates the lm-head from the loss\n{found}" if found else
         "the lm-head ran before this graph, and Dynamo recorded no graph break on the way here (a loss compiled "
         "on its own?)"))

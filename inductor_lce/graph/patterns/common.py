@@ -11,12 +11,13 @@ prims = torch.ops.prims
 
 
 class NoMatch(Exception):
-    """A matcher did not match; ``reason`` is a short snake_case counter key."""
+    """A matcher did not match; ``reason`` is a short snake_case counter key, ``node`` (optional) where it stopped."""
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str = "", node: Any = None):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        self.node = node
 
 
 def is_op(node: Any, *targets) -> bool:

@@ -99,6 +99,8 @@ def match_logits_chain(logits: Node) -> LogitsChain:
     while True:
         if is_op(node, aten.mm.default, aten.addmm.default):
             break
+        if isinstance(node, Node) and node.op == "placeholder":   # computed in an earlier graph
+            raise NoMatch("logits_input", "the logits are an input of the graph", node=node)
         if not isinstance(node, Node) or node.op != "call_function":
             raise NoMatch("no_matmul", "logits do not come from a matmul")
         found = match_softcap_forward(node)
