@@ -257,11 +257,15 @@ def _set_row_groups(value):
     return old
 
 
+def events_on(p, device: str) -> list:
+    """The profiler's events of one side: "CUDA" (kernels) or "CPU" (host ops)."""
+    return [e for e in p.events() if getattr(e.device_type, "name", "") == device]
+
+
 def log_gaps(p, top=8):
     """Where the GPU idles inside the profiled step: the largest gaps between consecutive kernels, with the
     kernels on either side (a gap the host's launches cause, or a sync)."""
-    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in p.events()
-                     if getattr(e.device_type, "name", "") == "CUDA")
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events_on(p, "CUDA"))
     if not kernels:
         return
     gaps, end, prev = [], kernels[0][1], kernels[0][2]
@@ -272,7 +276,7 @@ def log_gaps(p, top=8):
             end, prev = stop, name
     span = (end - kernels[0][0]) / 1e3
     log(f"  GPU span {span:.2f} ms, idle between kernels {sum(g[0] for g in gaps):.2f} ms in {len(gaps)} gaps")
-    host = [e for e in p.events() if getattr(e.device_type, "name", "") == "CPU"]
+    host = events_on(p, "CPU")
     for rank, (ms, before, after, g0, g1) in enumerate(sorted(gaps, reverse=True)[:top]):
         log(f"    gap {ms:6.3f} ms  after {before[:50]}  before {after[:50]}")
         if rank < 3:  # what the host did meanwhile: its ops of >= 20 us that started in the gap
@@ -363,10 +367,9 @@ def profile(shapes):
             finally:
                 _restore_settings(old)
             by_name: dict = {}
-            for e in p.events():
-                if getattr(e.device_type, "name", "") == "CUDA":   # kernels (the CPU side is for log_gaps)
-                    t, c = by_name.get(e.name, (0.0, 0))
-                    by_name[e.name] = (t + (e.time_range.end - e.time_range.start) / 1e3, c + 1)
+            for e in events_on(p, "CUDA"):   # kernels (the CPU side is for log_gaps)
+                t, c = by_name.get(e.name, (0.0, 0))
+                by_name[e.name] = (t + (e.time_range.end - e.time_range.start) / 1e3, c + 1)
             rows = sorted(((k, t, c) for k, (t, c) in by_name.items()), key=lambda r: -r[1])
             total = sum(r[1] for r in rows)
             log(f"\n== profile {m} N={N} D={D} V={V}: kernels {total:.2f} ms (wall under profiler {wall:.1f} ms)")
