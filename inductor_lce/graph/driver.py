@@ -15,7 +15,7 @@ from typing import Optional
 
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
-from torch.fx import Graph, Node
+from torch.fx import Graph
 
 from .. import ops  # noqa: F401  (registers torch.ops.inductor_lce)
 from . import skips
@@ -314,16 +314,9 @@ class LinearCrossEntropyPass(CustomGraphPass):
     @staticmethod
     def _detail(site: Site, e: NoMatch) -> str:
         """The matcher's message in the user's terms (shapes and source lines instead of node names)."""
-        graph = site.log_softmax.output.graph
-        if e.reason == "logits_path_op" and e.detail:
-            node = site.log_softmax.input
-            for _ in range(64):  # the op the walk up from the logits stopped at (its message is the op's name)
-                if not isinstance(node, Node) or node.op != "call_function":
-                    break
-                if str(node.target) == e.detail:
-                    return f"{_op_name(node)} between the lm-head matmul and the loss ({describe(node, site)})"
-                node = node.args[0] if node.args else None
-        return humanize(e.detail, graph, site)
+        if e.reason == "logits_path_op" and e.node is not None:  # the op the matcher's walk stopped at
+            return f"{_op_name(e.node)} between the lm-head matmul and the loss ({describe(e.node, site)})"
+        return humanize(e.detail, site.log_softmax.output.graph, site)
 
     @staticmethod
     def _decide(entry: dict, defer: bool) -> None:

@@ -125,7 +125,7 @@ def match_logits_chain(logits: Node) -> LogitsChain:
             else:
                 slices.append(s)
         else:
-            raise NoMatch("logits_path_op", str(node.target))
+            raise NoMatch("logits_path_op", str(node.target), node=node)
         node = node.args[0]
         if not isinstance(node, Node) or not shape(node) or not same_size(shape(node)[-1], num_classes):
             raise NoMatch("logits_path_op", "class dimension changes")
