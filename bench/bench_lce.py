@@ -578,7 +578,18 @@ def sweep(shapes):
                                          m_key=I._bucket(V), k_key=I._bucket(c), a_padded=padded)
                 finally:
                     I.SETTINGS.fused_grad_weight_kernel = saved
+            run.result = lambda: state if mode == I.MODE_FP32 else gw   # where the sum ends up
             return run
+
+        def accumulate_error(run):
+            """max |out - fp32 product| / max |fp32 product| of one accumulation onto a zero state (the bf16
+            rounding of the result: about 2^-9)"""
+            for t in (gw, st32, lo):
+                t.zero_()
+            with L._plain_launches():
+                run()
+            ref = gl_t.float() @ h_c.float()
+            return float((run.result().float() - ref).abs().max() / ref.abs().max())
 
         pieces = [("logits_mm_cublas", lambda: I._logits_chunk(h_c, w, None, stride)),
                   ("softmax_grad_rows", lambda: I._softmax_grad_rows(logits, y_c, loss, lse, scale, -100, 0.0, False)),
@@ -587,15 +598,21 @@ def sweep(shapes):
                   ("grad_weight_mm_triton_fp32", accumulate(I.MODE_FP32, st32, "pointer")),
                   ("grad_weight_mm_triton_compensated", accumulate(I.MODE_COMPENSATED, lo, "pointer")),
                   ("grad_weight_mm_triton_tma_fp32", accumulate(I.MODE_FP32, st32, "tma")),
-                  ("grad_weight_mm_triton_tma_compensated", accumulate(I.MODE_COMPENSATED, lo, "tma"))]
+                  ("grad_weight_mm_triton_tma_compensated", accumulate(I.MODE_COMPENSATED, lo, "tma")),
+                  ("grad_weight_mm_gluon_wgmma_fp32", accumulate(I.MODE_FP32, st32, "wgmma")),
+                  ("grad_weight_mm_gluon_wgmma_compensated", accumulate(I.MODE_COMPENSATED, lo, "wgmma"))]
         if I._cublas_fp32_accumulate_works(DEV):
             pieces.append(("grad_weight_mm_cublas_fp32_addmm",
                            lambda: torch.ops.aten.addmm.dtype_out(st32, gl_t, h_c, torch.float32, out=st32)))
+        only = [w for w in os.environ.get("SWEEP_ONLY", "").split(",") if w]
         for what, fn in pieces:
+            if only and not any(w in what for w in only):
+                continue
             with L._plain_launches():   # as the op launches them (no wrap_triton dispatch per launch)
                 t = try_time(fn)
             rec(shape=[N, D, V], what=what, ms=t, x_chunks=_x(t, n_chunks),
-                tflops=round(tf / t * 1e3) if isinstance(t, float) and "_mm_" in what else None)
+                tflops=round(tf / t * 1e3) if isinstance(t, float) and "_mm_" in what else None,
+                error=accumulate_error(fn) if hasattr(fn, "result") and isinstance(t, float) else None)
         del logits, gl_t, gh, gw, st32, lo, h, w, y
         gc.collect()
         torch.cuda.empty_cache()

@@ -746,6 +746,39 @@ def test_kernels_build_for_hopper_offline():
         assert report["spill_bytes"] == 0 or name == "grad_logits", (name, const, report)
 
 
+def test_wgmma_kernel_builds_for_hopper_offline():
+    """matmul_accumulate_wgmma.py (Gluon) compiles for sm_90 without a GPU in both state modes: wgmma, TMA loads,
+    the partitions' setmaxnreg, and shared memory within sm_90's 227 KB."""
+    pytest.importorskip("triton")
+    import inductor_lce.lowering as L
+
+    if not L.AVAILABLE or L._impl.INTERPRET:
+        pytest.skip("needs the compiled (not interpreted) Triton kernels")
+    from inductor_lce.kernels import matmul_accumulate_wgmma as W
+
+    if W.gluon is None:
+        pytest.skip("no Gluon Hopper API in this triton")
+    try:
+        from inductor_lce.lowering._compile_check import compile_sm90_gluon
+    except ImportError as e:
+        pytest.skip(f"no Triton NVIDIA backend here: {e}")
+    from triton.experimental.gluon import language as gl
+
+    cfg = W.wgmma_config()
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    descs = {name: f"tensordesc<bf16[{bk},{w}],{gl.NVMMASharedLayout.get_default_for([bk, w], gl.bfloat16)!r}>"
+             for name, w in (("a_t_desc", bm), ("b_desc", bn))}
+    for mode, first, last, state in ((1, False, False, "*i8"), (0, False, True, "*fp32"), (1, True, False, "*i8")):
+        sig = dict(descs, state_ptr=state, lo_ptr=state, out_ptr="*bf16", M="i32", N="i32", K="i32",
+                   stride_state="i32", stride_out="i32")
+        kernel = compile_sm90_gluon(W.matmul_accumulate_wgmma_kernel_jit, sig,
+                                    dict(MODE=mode, FIRST=first, LAST=last, GROUP_M=8, NUM_SMS=132,
+                                         **cfg["constexprs"]), 4, cfg["maxnreg"])
+        ptx = kernel.asm["ptx"]
+        assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx and "setmaxnreg" in ptx, mode
+        assert kernel.metadata.shared <= 227 * 1024, (mode, kernel.metadata.shared)
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -823,6 +856,9 @@ _FUSED_GPU_PLANS = [
     ("compensated", dict(fused_workspace_bytes=30 * _MIB)),                        # 6 chunks of 512 rows
     ("compensated", dict(fused_workspace_bytes=16 * _MIB, fused_state="compensated")),  # 24 chunks of 128
     ("recompute", dict(fused_workspace_bytes=_MIB)),
+    # matmul_accumulate_wgmma.py (Gluon, sm_90) in both state modes
+    ("compensated", dict(fused_workspace_bytes=30 * _MIB, fused_grad_weight_kernel="wgmma")),
+    ("fp32", dict(fused_workspace_bytes=100 * _MIB, fused_fp32_gemm="triton", fused_grad_weight_kernel="wgmma")),
 ]
 
 
@@ -850,6 +886,41 @@ def test_cuda_fused_matches_reference(plan, settings, softcap, bias):
             setattr(SETTINGS, k, v)
     for a, b in zip(eager, got):
         assert torch.equal(a, b) or rel(a, b) < 1e-6  # (cuBLAS may pick another algorithm between calls)
+
+
+@cuda
+@pytest.mark.parametrize("state,workspace", [("compensated", 30 * _MIB), ("fp32", 100 * _MIB)])
+def test_cuda_grad_weight_wgmma_kernel(state, workspace):
+    """matmul_accumulate_wgmma.py on sm_90: every accumulation of a multi-chunk plan, ragged in every dim (V =
+    20000 and D = 520 are not multiples of the 128 x 128 tile, the last chunk's 440 rows not of BLOCK_K), launches
+    it, and the outputs match the reference and the TMA Triton kernel's (one ulp of grad_weight apart at most:
+    the K sums run in another order)."""
+    from inductor_lce.lowering import lce_triton
+
+    if torch.cuda.get_device_capability() != (9, 0) or lce_triton.wgmma_kernel is None:
+        pytest.skip("matmul_accumulate_wgmma.py runs on sm_90 with Gluon's Hopper API")
+    inputs = fused_inputs(3000, 520, 20000, torch.bfloat16, False, 0.1, -100, "mean", device="cuda")
+    settings = dict(fused_workspace_bytes=workspace, fused_fp32_gemm="triton")
+    launches = []
+    orig = lce_triton._launch_wgmma
+
+    def counting(*args, **kwargs):
+        launches.append(kwargs["mode"])
+        return orig(*args, **kwargs)
+
+    lce_triton._launch_wgmma = counting
+    try:
+        got, (state_mode, chunk_rows) = run_fused(inputs, -100, dict(settings, fused_grad_weight_kernel="wgmma"))
+        n_wgmma = len(launches)
+        tma, _ = run_fused(inputs, -100, dict(settings, fused_grad_weight_kernel="tma"))
+    finally:
+        lce_triton._launch_wgmma = orig
+    assert state_mode == state and n_wgmma == -(-3000 // chunk_rows) and len(launches) == n_wgmma, launches
+    check_fused_outputs(got, inputs, -100, f"wgmma {state}")
+    loss, grad_hidden, grad_weight = got[:3]
+    assert torch.equal(loss, tma[0]) and torch.equal(grad_hidden, tma[1])   # (not computed by this kernel)
+    ulp = torch.finfo(torch.bfloat16).eps * grad_weight.float().abs().clamp_min(1e-30)
+    assert ((grad_weight.float() - tma[2].float()).abs() <= ulp).all()
 
 
 @cuda

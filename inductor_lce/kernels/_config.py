@@ -71,13 +71,23 @@ def _cfg(bm, bn, bk, warps, stages, **extra):
     return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
+def _wgmma(bm=128, bn=128, bk=64, stages=6, consumer_regs=232, maxnreg=168, coalesce=1):
+    """matmul_accumulate_wgmma.py's config (COALESCE: the epilogue in a coalesced layout)."""
+    cfg = triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, CONSUMER_REGS=consumer_regs,
+                             COALESCE=bool(coalesce)), num_warps=4, maxnreg=maxnreg)
+    return cfg
+
+
 def _from_env(name):
     """``INDUCTOR_LCE_<NAME>_CONFIG=bm,bn,bk,warps,stages[,prefetch,epilogue_split]``: pin one config (sweeps,
-    debugging; the last two are matmul_accumulate's PREFETCH and EPILOGUE_SPLIT)."""
+    debugging; the last two are matmul_accumulate's PREFETCH and EPILOGUE_SPLIT; grad_weight_wgmma:
+    bm,bn,bk,stages,consumer_regs,maxnreg,coalesce)."""
     spec = os.environ.get(f"INDUCTOR_LCE_{name.upper()}_CONFIG")
     if not spec:
         return None
     values = [int(x) for x in spec.split(",")]
+    if name == "grad_weight_wgmma":  # bm,bn,bk,stages,consumer_regs,maxnreg,coalesce
+        return [_wgmma(*values)]
     if name == "grad_weight_tma":  # (its sixth value: EPILOGUE_SPLIT)
         return [_cfg(*values[:5], EPILOGUE_SPLIT=values[5] if len(values) > 5 else 1)]
     extra = dict(PREFETCH=bool(values[5]), EPILOGUE_SPLIT=values[6]) if len(values) > 5 else {}
@@ -93,6 +103,12 @@ def configs(kernel: str) -> list:
     pinned = _from_env(kernel)
     if pinned:
         return pinned
+    if kernel == "grad_weight_wgmma":
+        # matmul_accumulate_wgmma.py (one config, GPU only, opt-in): 128 x 128 tiles per consumer warpgroup (its
+        # fp32 accumulator is 128 registers per thread), a ring of STAGES 32 KB slots (192 KB at 6) + 16 KB for the
+        # coalescing round trip, maxnreg 168 at launch for 4 + 4 + 1 (rounded to 4) warps, which setmaxnreg turns
+        # into 248 / 232 / 24. Stages 4-7 and either epilogue layout ran within 10% of each other (NOTES 8.8)
+        return [_wgmma()]
     if INTERPRET:  # BLOCK_N 64 > the interpreted slab/split grain (32): partial tiles inside slabs get tested
         # (grad_weight: the wide-tile variant, so both epilogues of matmul_accumulate run)
         extra = {"grad_weight": _WIDE, "grad_hidden": _NARROW, "grad_weight_tma": dict(EPILOGUE_SPLIT=2)}.get(kernel, {})

@@ -86,6 +86,34 @@ def _load_state(out_ptrs, state_ptrs, lo_ptrs, mask, MODE: tl.constexpr):
 
 
 @triton.jit
+def fold(acc, prev_a, prev_b, out_dtype: tl.constexpr, MODE: tl.constexpr, FIRST: tl.constexpr,
+         LAST: tl.constexpr, EMULATE: tl.constexpr):
+    """The state update of one tile, values only (the callers load and store): acc (fp32) folded into the
+    previous state (prev_a, prev_b) = MODE 0: (fp32 state, unused), MODE 1: (hi, lo); both unused when FIRST.
+    Returns (a, b): MODE 0: a = the new fp32 state, or out's value (out_dtype) when LAST; b unused.
+    MODE 1: a = the new hi (out_dtype), b = the new lo (int8; unused when LAST)."""
+    total = acc
+    if MODE == 0:
+        if not FIRST:
+            total += prev_a
+        a = total
+        if LAST:
+            a = round_to(total, out_dtype, EMULATE)
+        b = a
+    else:
+        if not FIRST:
+            unit, _ = lo_unit(prev_a)
+            total += prev_a.to(tl.float32) + prev_b.to(tl.float32) * unit
+        a = round_to(total, out_dtype, EMULATE)
+        b = a
+        if not LAST:
+            _, inv_unit = lo_unit(a)
+            q = (total - a.to(tl.float32)) * inv_unit
+            b = tl.minimum(tl.maximum(tl.floor(q + 0.5), -127.0), 127.0).to(tl.int8)
+    return a, b
+
+
+@triton.jit
 def _epilogue(acc, prev_a, prev_b, out_ptr, state_ptr, lo_ptr, row0, local_rows, row_ok, col0, N,
               stride_state, stride_out, width: tl.constexpr, MODE: tl.constexpr, FIRST: tl.constexpr,
               LAST: tl.constexpr, HAVE_PREV: tl.constexpr, EMULATE: tl.constexpr):
@@ -98,25 +126,13 @@ def _epilogue(acc, prev_a, prev_b, out_ptr, state_ptr, lo_ptr, row0, local_rows,
     lo_ptrs = _tile_ptrs(lo_ptr, row0, local_rows, cols, stride_out)     # lo is [M, N] with out's strides
     if not FIRST and not HAVE_PREV:
         prev_a, prev_b = _load_state(out_ptrs, state_ptrs, lo_ptrs, mask, MODE)
-    total = acc
+    a, b = fold(acc, prev_a, prev_b, out_ptr.dtype.element_ty, MODE, FIRST, LAST, EMULATE)
     if MODE == 0:
-        if not FIRST:
-            total += prev_a
-        if LAST:
-            tl.store(out_ptrs, round_to(total, out_ptr.dtype.element_ty, EMULATE), mask=mask)
-        else:
-            tl.store(state_ptrs, total, mask=mask)
+        tl.store(out_ptrs if LAST else state_ptrs, a, mask=mask)
     else:
-        if not FIRST:
-            unit, _ = lo_unit(prev_a)
-            total += prev_a.to(tl.float32) + prev_b.to(tl.float32) * unit
-        new_hi = round_to(total, out_ptr.dtype.element_ty, EMULATE)
-        tl.store(out_ptrs, new_hi, mask=mask)
+        tl.store(out_ptrs, a, mask=mask)
         if not LAST:
-            _, inv_unit = lo_unit(new_hi)
-            q = (total - new_hi.to(tl.float32)) * inv_unit
-            q = tl.minimum(tl.maximum(tl.floor(q + 0.5), -127.0), 127.0)
-            tl.store(lo_ptrs, q.to(tl.int8), mask=mask)
+            tl.store(lo_ptrs, b, mask=mask)
 
 
 @triton.jit

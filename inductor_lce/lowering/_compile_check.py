@@ -59,3 +59,17 @@ def ptxas_report(kernel) -> dict:
     spills = re.findall(r"(\d+) bytes spill stores", err)
     return dict(registers=int(regs[0]) if regs else None, spill_bytes=int(spills[0]) if spills else None,
                 shared=kernel.metadata.shared, wgmma=kernel.asm["ptx"].count("wgmma.mma_async"))
+
+
+def compile_sm90_gluon(fn, signature: dict, constexprs: dict, num_warps: int, maxnreg: int | None = None):
+    """The same for a @gluon.jit kernel: ``signature`` names every non-constexpr argument's type (Gluon TMA
+    descriptors as ``tensordesc<bf16[a,b],NVMMASharedLayout(...)>``); integers and pointers get the
+    divisibility-by-16 hints."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    sig = dict(signature, **{k: "constexpr" for k in constexprs})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if sig[a] != "constexpr" and not sig[a].startswith("tensordesc")}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    options = dict(num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)

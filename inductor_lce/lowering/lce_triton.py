@@ -58,6 +58,7 @@ from ..kernels.lse_forward import lse_forward_kernel
 from ..kernels.lse_update import lse_update_kernel
 from ..kernels.matmul_accumulate import matmul_accumulate_kernels
 from ..kernels.matmul_accumulate_tma import matmul_accumulate_tma_kernels
+from ..kernels.matmul_accumulate_wgmma import wgmma_config, wgmma_descriptor, wgmma_kernel
 from ..kernels.softmax_grad_rows import softmax_grad_rows_kernel
 
 __all__ = ["Settings", "SETTINGS", "lce_forward_impl", "lce_backward_impl", "lce_fused_impl", "plan_backward",
@@ -89,7 +90,9 @@ class Settings:
     # fp32 grad_weight accumulation (fp32 state, fp32 weights) on CUDA: cuBLAS (aten::addmm.dtype_out, where this
     # torch has it and it works) or the Triton matmul_accumulate kernel
     fused_fp32_gemm: str = os.environ.get("INDUCTOR_LCE_FUSED_FP32_GEMM", "cublas")   # cublas | triton
-    # the fused op's Triton grad_weight accumulation: "tma" (matmul_accumulate_tma.py, where TMA applies) | "pointer"
+    # the fused op's grad_weight accumulation kernel: "tma" (matmul_accumulate_tma.py, where TMA applies; else
+    # "pointer") | "pointer" | "wgmma" (matmul_accumulate_wgmma.py, Gluon, sm_90, where TMA applies; else as "tma";
+    # opt-in: slower on the H100, bench/NOTES.md 8.8)
     fused_grad_weight_kernel: str = os.environ.get("INDUCTOR_LCE_FUSED_GRAD_WEIGHT_KERNEL", "tma")
 
 
@@ -143,8 +146,8 @@ def _max_block(kernel, name: str) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _major_capability(device: str) -> int:
-    return torch.cuda.get_device_capability(torch.device(device))[0]
+def _capability(device: str) -> tuple:
+    return tuple(torch.cuda.get_device_capability(torch.device(device)))
 
 
 def _check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -376,6 +379,9 @@ def _matmul_accumulate(use: str, a: Tensor, b: Tensor, out: Tensor, state: Tenso
     A FIRST launch reads no state: its tuner saves nothing (replays write the same values). The others do: the
     first of them per key runs on its first rows alone (about two waves of the largest tile), see _tuning_split."""
     tma = use == "grad_weight" and _tma_applies(a, b, traced)
+    if tma and _wgmma_applies(a, out):
+        _launch_wgmma(a, b, state, out, mode=mode, first=first, last=last)
+        return
     first_kernel, later_kernel = matmul_accumulate_tma_kernels if tma else matmul_accumulate_kernels[use]
     kernel = first_kernel if first else later_kernel
     M, K = a.shape
@@ -411,14 +417,38 @@ def _matmul_accumulate(use: str, a: Tensor, b: Tensor, out: Tensor, state: Tenso
 def _tma_applies(a: Tensor, b: Tensor, traced: bool) -> bool:
     """Whether matmul_accumulate_tma.py can run out += a @ b: eager (Inductor's tracing of descriptor arguments is
     not relied on), sm_90+ or the interpreter, a M-major and b row-major with 16-byte aligned rows and bases."""
-    if SETTINGS.fused_grad_weight_kernel not in ("tma", "pointer"):
-        raise ValueError(f"fused_grad_weight_kernel must be tma or pointer, got {SETTINGS.fused_grad_weight_kernel!r}")
-    if SETTINGS.fused_grad_weight_kernel != "tma" or traced or TensorDescriptor is None:
+    if SETTINGS.fused_grad_weight_kernel not in ("wgmma", "tma", "pointer"):
+        raise ValueError("fused_grad_weight_kernel must be wgmma, tma or pointer, got "
+                         f"{SETTINGS.fused_grad_weight_kernel!r}")
+    if SETTINGS.fused_grad_weight_kernel == "pointer" or traced or TensorDescriptor is None:
         return False
-    if not INTERPRET and (a.device.type != "cuda" or _major_capability(str(a.device)) < 9):
+    if not INTERPRET and (a.device.type != "cuda" or _capability(str(a.device))[0] < 9):
         return False
     aligned = all((t.stride(i) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0 for t, i in ((a, 1), (b, 0)))
     return a.stride(0) == 1 and b.stride(1) == 1 and aligned
+
+
+def _wgmma_applies(a: Tensor, out: Tensor) -> bool:
+    """Whether matmul_accumulate_wgmma.py runs (where _tma_applies): chosen, Gluon's Hopper API present, compiled
+    (not interpreted) for sm_90 exactly (wgmma), 16-bit operands and output."""
+    return (SETTINGS.fused_grad_weight_kernel == "wgmma" and wgmma_kernel is not None and not INTERPRET
+            and a.device.type == "cuda" and _capability(str(a.device)) == (9, 0) and a.dtype in (torch.bfloat16, torch.float16)
+            and out.dtype == a.dtype)
+
+
+def _launch_wgmma(a: Tensor, b: Tensor, state: Tensor, out: Tensor, *, mode: int, first: bool, last: bool) -> None:
+    """One launch of matmul_accumulate_wgmma.py: out (+)= a @ b, a [M, K] M-major (read as a.t(), row-major)."""
+    M, K = a.shape
+    N = b.shape[1]
+    cfg = wgmma_config()
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    a_t_desc = wgmma_descriptor(a.t(), [bk, bm])
+    b_desc = wgmma_descriptor(b, [bk, bn])
+    num_sms = _num_sms(str(a.device))
+    grid = (min(num_sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
+    wgmma_kernel[grid](a_t_desc, b_desc, state, state, out, M, N, K, state.stride(0), out.stride(0),
+                       MODE=mode, FIRST=first, LAST=last, GROUP_M=_GROUP_M, NUM_SMS=num_sms, **cfg["constexprs"],
+                       num_warps=4, maxnreg=cfg["maxnreg"])
 
 
 def _launch_tma(kernel, a: Tensor, b: Tensor, state: Tensor, out: Tensor, *, mode: int, first: bool, last: bool,
