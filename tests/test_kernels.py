@@ -759,7 +759,7 @@ def test_wgmma_kernel_builds_for_hopper_offline():
     if W.gluon is None:
         pytest.skip("no Gluon Hopper API in this triton")
     try:
-        from inductor_lce.lowering._compile_check import compile_sm90_gluon
+        from inductor_lce.lowering._compile_check import compile_sm90
     except ImportError as e:
         pytest.skip(f"no Triton NVIDIA backend here: {e}")
     from triton.experimental.gluon import language as gl
@@ -769,11 +769,9 @@ def test_wgmma_kernel_builds_for_hopper_offline():
     descs = {name: f"tensordesc<bf16[{bk},{w}],{gl.NVMMASharedLayout.get_default_for([bk, w], gl.bfloat16)!r}>"
              for name, w in (("a_t_desc", bm), ("b_desc", bn))}
     for mode, first, last, state in ((1, False, False, "*i8"), (0, False, True, "*fp32"), (1, True, False, "*i8")):
-        sig = dict(descs, state_ptr=state, lo_ptr=state, out_ptr="*bf16", M="i32", N="i32", K="i32",
-                   stride_state="i32", stride_out="i32")
-        kernel = compile_sm90_gluon(W.matmul_accumulate_wgmma_kernel_jit, sig,
-                                    dict(MODE=mode, FIRST=first, LAST=last, GROUP_M=8, NUM_SMS=132,
-                                         **cfg["constexprs"]), 4, cfg["maxnreg"])
+        kernel = compile_sm90(W.matmul_accumulate_wgmma_kernel_jit,
+                              dict(MODE=mode, FIRST=first, LAST=last, GROUP_M=8, NUM_SMS=132, **cfg["constexprs"]),
+                              4, 1, ptr_types=dict(descs, state_ptr=state, lo_ptr=state), maxnreg=cfg["maxnreg"])
         ptx = kernel.asm["ptx"]
         assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx and "setmaxnreg" in ptx, mode
         assert kernel.metadata.shared <= 227 * 1024, (mode, kernel.metadata.shared)

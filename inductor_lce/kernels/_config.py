@@ -73,9 +73,8 @@ def _cfg(bm, bn, bk, warps, stages, **extra):
 
 def _wgmma(bm=128, bn=128, bk=64, stages=6, consumer_regs=232, maxnreg=168, coalesce=1):
     """matmul_accumulate_wgmma.py's config (COALESCE: the epilogue in a coalesced layout)."""
-    cfg = triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, CONSUMER_REGS=consumer_regs,
-                             COALESCE=bool(coalesce)), num_warps=4, maxnreg=maxnreg)
-    return cfg
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, CONSUMER_REGS=consumer_regs,
+                              COALESCE=bool(coalesce)), num_warps=4, maxnreg=maxnreg)
 
 
 def _from_env(name):

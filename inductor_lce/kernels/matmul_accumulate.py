@@ -74,7 +74,7 @@ def _tile_ptrs(ptr, row0, local_rows, cols, stride):
 
 
 @triton.jit
-def _load_state(out_ptrs, state_ptrs, lo_ptrs, mask, MODE: tl.constexpr):
+def load_state(out_ptrs, state_ptrs, lo_ptrs, mask, MODE: tl.constexpr):
     """The running state of a tile: MODE 0 (fp32 state, fp32 state), MODE 1 (hi, lo)."""
     if MODE == 0:
         prev_a = tl.load(state_ptrs, mask=mask, other=0.0)
@@ -83,6 +83,18 @@ def _load_state(out_ptrs, state_ptrs, lo_ptrs, mask, MODE: tl.constexpr):
         prev_a = tl.load(out_ptrs, mask=mask, other=0.0)
         prev_b = tl.load(lo_ptrs, mask=mask, other=0)
     return prev_a, prev_b
+
+
+@triton.jit
+def store_state(out_ptrs, state_ptrs, lo_ptrs, a, b, mask, MODE: tl.constexpr, LAST: tl.constexpr):
+    """Stores fold's (a, b): MODE 0: a into the fp32 state, or into out when LAST; MODE 1: hi a into out and,
+    unless LAST, lo b."""
+    if MODE == 0:
+        tl.store(out_ptrs if LAST else state_ptrs, a, mask=mask)
+    else:
+        tl.store(out_ptrs, a, mask=mask)
+        if not LAST:
+            tl.store(lo_ptrs, b, mask=mask)
 
 
 @triton.jit
@@ -125,14 +137,9 @@ def _epilogue(acc, prev_a, prev_b, out_ptr, state_ptr, lo_ptr, row0, local_rows,
     state_ptrs = _tile_ptrs(state_ptr, row0, local_rows, cols, stride_state)
     lo_ptrs = _tile_ptrs(lo_ptr, row0, local_rows, cols, stride_out)     # lo is [M, N] with out's strides
     if not FIRST and not HAVE_PREV:
-        prev_a, prev_b = _load_state(out_ptrs, state_ptrs, lo_ptrs, mask, MODE)
+        prev_a, prev_b = load_state(out_ptrs, state_ptrs, lo_ptrs, mask, MODE)
     a, b = fold(acc, prev_a, prev_b, out_ptr.dtype.element_ty, MODE, FIRST, LAST, EMULATE)
-    if MODE == 0:
-        tl.store(out_ptrs if LAST else state_ptrs, a, mask=mask)
-    else:
-        tl.store(out_ptrs, a, mask=mask)
-        if not LAST:
-            tl.store(lo_ptrs, b, mask=mask)
+    store_state(out_ptrs, state_ptrs, lo_ptrs, a, b, mask, MODE, LAST)
 
 
 @triton.jit
@@ -187,7 +194,7 @@ def matmul_accumulate_kernel_jit(
     prev_b = 0.0
     if PREFETCH and not FIRST:
         mask = row_ok[:, None] & col_ok[None, :]
-        prev_a, prev_b = _load_state(_tile_ptrs(out_ptr, row0, local_rows, cols, stride_out),
+        prev_a, prev_b = load_state(_tile_ptrs(out_ptr, row0, local_rows, cols, stride_out),
                                      _tile_ptrs(state_ptr, row0, local_rows, cols, stride_state),
                                      _tile_ptrs(lo_ptr, row0, local_rows, cols, stride_out), mask, MODE)
 

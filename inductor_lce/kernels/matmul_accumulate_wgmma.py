@@ -2,7 +2,8 @@
 grad_weight (A = the grad_logits chunk transposed, M = V, K = chunk rows, N = D), as matmul_accumulate_tma.py.
 
     acc[m, n] = sum_k A[m, k] * B[k, n]      # [BLOCK_M, BLOCK_N] tile, fp32, by wgmma from shared memory
-    then matmul_accumulate.fold: MODE 0 (fp32 state) / MODE 1 (compensated hi + int8 lo), FIRST / LAST
+    then matmul_accumulate's load_state / fold / store_state: MODE 0 (fp32 state) / MODE 1 (compensated
+    hi + int8 lo), FIRST / LAST
 
 Why a Gluon kernel: the epilogue reads and writes the state (6 bytes per element of out in MODE 1). In the
 Triton kernels the same warps run the K loop and the epilogue, so the tensor cores idle during that traffic
@@ -30,6 +31,8 @@ Grid: (min(NUM_SMS, number of tiles),), persistent. GPU only (sm_90): Gluon has 
 """
 from __future__ import annotations
 
+import functools
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -40,7 +43,7 @@ except ImportError:   # (triton without Gluon's Hopper API)
 
 from ._config import configs
 from ._grid import grouped_tile_of
-from .matmul_accumulate import fold
+from .matmul_accumulate import fold, load_state, store_state
 
 if gluon is not None:
 
@@ -126,21 +129,9 @@ if gluon is not None:
             prev_a = 0.0
             prev_b = 0.0
             if not FIRST:
-                if MODE == 0:
-                    prev_a = gl.load(state_ptrs, mask=mask, other=0.0)
-                else:
-                    prev_a = gl.load(out_ptrs, mask=mask, other=0.0)
-                    prev_b = gl.load(lo_ptrs, mask=mask, other=0)
+                prev_a, prev_b = load_state(out_ptrs, state_ptrs, lo_ptrs, mask, MODE)
             new_a, new_b = fold(acc, prev_a, prev_b, out_ptr.dtype.element_ty, MODE, FIRST, LAST, False)
-            if MODE == 0:
-                if LAST:
-                    gl.store(out_ptrs, new_a, mask=mask)
-                else:
-                    gl.store(state_ptrs, new_a, mask=mask)
-            else:
-                gl.store(out_ptrs, new_a, mask=mask)
-                if not LAST:
-                    gl.store(lo_ptrs, new_b, mask=mask)
+            store_state(out_ptrs, state_ptrs, lo_ptrs, new_a, new_b, mask, MODE, LAST)
 
     @gluon.jit
     def matmul_accumulate_wgmma_kernel_jit(
@@ -175,8 +166,10 @@ if gluon is not None:
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
+@functools.lru_cache(maxsize=None)
 def wgmma_config() -> dict:
-    """The tile (_config.configs("grad_weight_wgmma"), one config: not autotuned) as launch arguments."""
+    """The tile (_config.configs("grad_weight_wgmma"), one config: not autotuned) as launch arguments; read once,
+    like the autotuned kernels' configs (the host launches it once per chunk)."""
     (cfg,) = configs("grad_weight_wgmma")
     kw = dict(cfg.kwargs)
     return dict(BLOCK_M=kw["BLOCK_M"], BLOCK_N=kw["BLOCK_N"], BLOCK_K=kw["BLOCK_K"], maxnreg=cfg.maxnreg,

@@ -22,9 +22,10 @@ _SCALAR_TYPES = {"softcap": "fp32"}  # other scalars are i32
 
 
 def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, ptr_types: dict | None = None,
-                 dtype: str = "bf16", scalar_types: dict | None = None):
-    """Compile a @triton.jit function for sm_90; returns the CompiledKernel. ``scalar_types`` overrides the types
-    of scalar arguments (e.g. ``{"softcap": "fp64"}``: what Inductor passes for a Python float)."""
+                 dtype: str = "bf16", scalar_types: dict | None = None, maxnreg: int | None = None):
+    """Compile a @triton.jit or @gluon.jit function for sm_90; returns the CompiledKernel. ``scalar_types``
+    overrides the types of scalar arguments (e.g. ``{"softcap": "fp64"}``: what Inductor passes for a Python
+    float); ``maxnreg``: the launch's register limit (warp-specialized Gluon kernels)."""
     types = dict(_PTR_TYPES, **(ptr_types or {}))
     scalars = dict(_SCALAR_TYPES, **(scalar_types or {}))
     # constexpr parameters left out take their defaults, as a launch would
@@ -36,14 +37,23 @@ def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, ptr_type
         elif a.endswith("_ptr"):
             sig[a] = types.get(a, "*" + dtype)
         elif a.endswith("_desc"):   # TMA descriptors: the caller names the type, e.g. "tensordesc<bf16[64,128]>"
+            # (Gluon's: "tensordesc<bf16[64,128],NVMMASharedLayout(...)>")
             sig[a] = types[a]
         else:
             sig[a] = scalars.get(a, "i32")
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
              if sig[a] not in ("constexpr", "fp32", "fp64") and a != "ignore_index" and not a.endswith("_desc")}
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+    source = ASTSource
+    try:
+        from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
+
+        if isinstance(fn, GluonJITFunction):
+            source = GluonASTSource
+    except ImportError:   # (triton without Gluon)
+        pass
+    src = source(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    options = dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def ptxas_report(kernel) -> dict:
@@ -60,16 +70,3 @@ def ptxas_report(kernel) -> dict:
     return dict(registers=int(regs[0]) if regs else None, spill_bytes=int(spills[0]) if spills else None,
                 shared=kernel.metadata.shared, wgmma=kernel.asm["ptx"].count("wgmma.mma_async"))
 
-
-def compile_sm90_gluon(fn, signature: dict, constexprs: dict, num_warps: int, maxnreg: int | None = None):
-    """The same for a @gluon.jit kernel: ``signature`` names every non-constexpr argument's type (Gluon TMA
-    descriptors as ``tensordesc<bf16[a,b],NVMMASharedLayout(...)>``); integers and pointers get the
-    divisibility-by-16 hints."""
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    sig = dict(signature, **{k: "constexpr" for k in constexprs})
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-             if sig[a] != "constexpr" and not sig[a].startswith("tensordesc")}
-    src = GluonASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    options = dict(num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}))
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)

@@ -432,8 +432,8 @@ def _wgmma_applies(a: Tensor, out: Tensor) -> bool:
     """Whether matmul_accumulate_wgmma.py runs (where _tma_applies): chosen, Gluon's Hopper API present, compiled
     (not interpreted) for sm_90 exactly (wgmma), 16-bit operands and output."""
     return (SETTINGS.fused_grad_weight_kernel == "wgmma" and wgmma_kernel is not None and not INTERPRET
-            and a.device.type == "cuda" and _capability(str(a.device)) == (9, 0) and a.dtype in (torch.bfloat16, torch.float16)
-            and out.dtype == a.dtype)
+            and a.device.type == "cuda" and _capability(str(a.device)) == (9, 0)
+            and a.dtype in (torch.bfloat16, torch.float16) and out.dtype == a.dtype)
 
 
 def _launch_wgmma(a: Tensor, b: Tensor, state: Tensor, out: Tensor, *, mode: int, first: bool, last: bool) -> None:
