@@ -601,6 +601,19 @@ def sweep(shapes):
                   ("grad_weight_mm_triton_tma_compensated", accumulate(I.MODE_COMPENSATED, lo, "tma")),
                   ("grad_weight_mm_gluon_wgmma_fp32", accumulate(I.MODE_FP32, st32, "wgmma")),
                   ("grad_weight_mm_gluon_wgmma_compensated", accumulate(I.MODE_COMPENSATED, lo, "wgmma"))]
+        def softmax_with(cfg):
+            """softmax_grad_rows.py with one config on the whole chunk (the autotuner times its configs on the first
+            2 x SMs rows only)."""
+            from inductor_lce.kernels.softmax_grad_rows import softmax_grad_rows_kernel_jit as kernel
+
+            programs = -(-c // cfg.kwargs["BLOCK_M"])
+            return lambda: kernel[(programs,)](logits, y_c, loss, lse, scale, c, V, logits.stride(0), -100, 0.0,
+                                               HAS_SOFTCAP=False, EMULATE_ROUNDING=False, **cfg.kwargs,
+                                               num_warps=cfg.num_warps)
+
+        from inductor_lce.kernels._config import row_configs
+        pieces += [("softmax_grad_rows_" + "_".join(f"{v}" for v in (*cfg.kwargs.values(), cfg.num_warps)),
+                    softmax_with(cfg)) for cfg in row_configs("softmax_grad_rows")]
         if I._cublas_fp32_accumulate_works(DEV):
             pieces.append(("grad_weight_mm_cublas_fp32_addmm",
                            lambda: torch.ops.aten.addmm.dtype_out(st32, gl_t, h_c, torch.float32, out=st32)))
@@ -612,12 +625,23 @@ def sweep(shapes):
                 t = try_time(fn)
             rec(shape=[N, D, V], what=what, ms=t, x_chunks=_x(t, n_chunks),
                 tflops=round(tf / t * 1e3) if isinstance(t, float) and "_mm_" in what else None,
-                error=accumulate_error(fn) if hasattr(fn, "result") and isinstance(t, float) else None)
+                error=accumulate_error(fn) if hasattr(fn, "result") and isinstance(t, float) else None,
+                config=_tuned_config(what))
         del logits, gl_t, gh, gw, st32, lo, h, w, y
         gc.collect()
         torch.cuda.empty_cache()
         json.dump(rows, open(os.path.join(out_dir(), "sweep.json"), "w"), indent=1)
     summarize_sweep(rows)
+
+
+def _tuned_config(what):
+    """The autotuned config a row kernel of the sweep settled on (the last key tuned), else None."""
+    if what != "softmax_grad_rows":
+        return None
+    from inductor_lce.kernels.softmax_grad_rows import softmax_grad_rows_kernel
+
+    cache = getattr(softmax_grad_rows_kernel, "cache", {})
+    return str(list(cache.values())[-1]) if cache else None
 
 
 def summarize_sweep(rows):

@@ -63,7 +63,7 @@ LN2 = 0.6931471805599453
 _NARROW = dict(PREFETCH=True, EPILOGUE_SPLIT=1)
 _WIDE = dict(PREFETCH=False, EPILOGUE_SPLIT=2)
 _MATMUL_ACCUMULATE = ("grad_hidden", "grad_weight")
-_SPLIT1, _SPLIT2 = dict(EPILOGUE_SPLIT=1), dict(EPILOGUE_SPLIT=2)
+_SPLIT2 = dict(EPILOGUE_SPLIT=2)
 
 
 def _cfg(bm, bn, bk, warps, stages, **extra):
@@ -103,11 +103,12 @@ def configs(kernel: str) -> list:
     if pinned:
         return pinned
     if kernel == "grad_weight_wgmma":
-        # matmul_accumulate_wgmma.py (one config, GPU only, opt-in): 128 x 128 tiles per consumer warpgroup (its
-        # fp32 accumulator is 128 registers per thread), a ring of STAGES 32 KB slots (192 KB at 6) + 16 KB for the
-        # coalescing round trip, maxnreg 168 at launch for 4 + 4 + 1 (rounded to 4) warps, which setmaxnreg turns
-        # into 248 / 232 / 24. Stages 4-7 and either epilogue layout ran within 10% of each other (NOTES 8.8)
-        return [_wgmma()]
+        # matmul_accumulate_wgmma.py (GPU only; timed against matmul_accumulate_tma.py per shape, the first
+        # config is what "wgmma" forces): 128 x 128 tiles per consumer warpgroup (its fp32 accumulator is 128
+        # registers per thread), a ring of STAGES 32 KB slots (192 KB at 6) + 16 KB for the coalescing round trip,
+        # maxnreg 168 at launch for 4 + 4 + 1 (rounded to 4) warps, which setmaxnreg turns into 248 / 232 / 24.
+        # 6 or 4 stages, whichever is faster per shape (NOTES 8.10); 7 does not fit
+        return [_wgmma(), _wgmma(stages=4)]
     if INTERPRET:  # BLOCK_N 64 > the interpreted slab/split grain (32): partial tiles inside slabs get tested
         # (grad_weight: the wide-tile variant, so both epilogues of matmul_accumulate run)
         extra = {"grad_weight": _WIDE, "grad_hidden": _NARROW, "grad_weight_tma": dict(EPILOGUE_SPLIT=2)}.get(kernel, {})
@@ -129,9 +130,11 @@ def configs(kernel: str) -> list:
                         (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 128, 64, 8, 3),
                         (128, 256, 64, 8, 2, _WIDE)],
         # matmul_accumulate_tma.py (persistent, TMA operands): the state is read after the K loop, the wide
-        # tiles fold it in two column halves
-        # tiles (0 spills, <= 213 KB of shared memory in both modes: offline sm_90 build, tests/test_kernels.py)
-        "grad_weight_tma": [(128, 256, 64, 8, 3, _SPLIT2), (256, 128, 64, 8, 3, _SPLIT2), (128, 128, 64, 8, 4, _SPLIT1)],
+        # tiles fold it in two column halves (0 spills, <= 213 KB of shared memory: offline sm_90 build,
+        # tests/test_kernels.py; 4 stages only in MODE 1: matmul_accumulate_tma.fitting_configs). 4 stages were
+        # the fastest at all four shapes of the session-4 sweep (NOTES 8.10); 256 x 128 and 128 x 128 were slower
+        # everywhere, and timed on the first rows only the autotuner picked them now and then
+        "grad_weight_tma": [(128, 256, 64, 8, 4, _SPLIT2), (128, 256, 64, 8, 3, _SPLIT2)],
     }[kernel]
     default = _NARROW if kernel in _MATMUL_ACCUMULATE else {}
     return [_cfg(*t[:5], **(t[5] if len(t) > 5 else default)) for t in table]

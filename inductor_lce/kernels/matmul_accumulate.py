@@ -13,12 +13,17 @@ The running sum over launches lives in one of two states (MODE):
 * MODE 0 (fp32): state[m, n] += acc in an fp32 [M, N] buffer; the LAST launch writes dtype(state + acc)
   into out. 4 bytes per element: used where M * N * 4 fits the workspace, or for fp32 outputs
   (state is out itself).
-* MODE 1 (compensated): the state is hi + lo * unit(hi) with hi = out itself (its dtype) and lo an
-  int8 [M, N] buffer: each launch computes total = hi + lo * unit(hi) + acc, stores hi = dtype(total) and
-  lo = round((total - hi) / unit(hi)) clamped to [-127, 127]. unit(hi) = half an ulp of hi / 2^7, a power
-  of two read off hi's exponent bits (so both scalings are exact multiplications, no division):
-  |total - hi| <= half an ulp, so lo keeps 7 more bits than the dtype (bf16: 15-bit significand) for
-  1 extra byte per element instead of 2 for fp32.
+* MODE 1 (compensated): 1 extra byte per element instead of 2 for fp32; hi = out itself (its dtype), lo an
+  int8 [M, N] buffer, LAST stores dtype(total) (round to nearest even) into out. In between:
+  - bf16: the state is fp32 total rounded to 24 bits, hi its top 16 bits and lo the next 8
+    (hi:lo:00 = round(total), a 16-bit significand): total = bits(hi:lo:00) + acc, then
+    r = bits(total) + 0x80 (rounds the magnitude to nearest at bit 8; a carry moves into the exponent),
+    hi = r >> 16, lo = (r >> 8) & 0xFF: ~10 integer ops per element (NOTES 8.9);
+  - fp16 (not the top half of an fp32): hi + lo * unit(hi), total = hi + lo * unit(hi) + acc, stores
+    hi = dtype(total) and lo = round((total - hi) / unit(hi)) clamped to [-127, 127]. unit(hi) = half an ulp
+    of hi / 2^7, a power of two read off hi's exponent bits (so both scalings are exact multiplications):
+    |total - hi| <= half an ulp, so lo keeps 7 more bits than the dtype.
+  Either way each launch rounds the running sum to about 2^-16 relative, 2^7 below bf16's rounding.
   Plain dtype accumulation over S launches would add ~sqrt(S) roundings of the running sum (1e-2 relative
   error at S = 64 in bf16, measured; see bench/NOTES.md).
 
@@ -41,12 +46,10 @@ from ._rounding import round_to
 
 @triton.jit
 def lo_unit(hi):
-    """(unit, 1 / unit) in fp32 for a bf16/fp16 tensor hi: unit = 2^(exponent(hi) - mantissa bits - 8)."""
+    """(unit, 1 / unit) in fp32 for an fp16 tensor hi: unit = 2^(exponent(hi) - 10 mantissa bits - 8) (5 exponent
+    bits, bias 15; subnormals use e = 1)."""
     bits = hi.to(tl.int16, bitcast=True).to(tl.int32)
-    if hi.dtype == tl.bfloat16:   # 8 exponent bits (bias 127), 7 mantissa bits; tiny |hi| < 2^-111 share one unit
-        unit_exp = tl.maximum((bits >> 7) & 0xFF, 16) - 127 - 15
-    else:                         # fp16: 5 exponent bits (bias 15), 10 mantissa bits; subnormals use e = 1
-        unit_exp = tl.maximum((bits >> 10) & 0x1F, 1) - 15 - 18
+    unit_exp = tl.maximum((bits >> 10) & 0x1F, 1) - 15 - 18
     unit = ((unit_exp + 127) << 23).to(tl.float32, bitcast=True)
     inv_unit = ((127 - unit_exp) << 23).to(tl.float32, bitcast=True)
     return unit, inv_unit
@@ -103,7 +106,8 @@ def fold(acc, prev_a, prev_b, out_dtype: tl.constexpr, MODE: tl.constexpr, FIRST
     """The state update of one tile, values only (the callers load and store): acc (fp32) folded into the
     previous state (prev_a, prev_b) = MODE 0: (fp32 state, unused), MODE 1: (hi, lo); both unused when FIRST.
     Returns (a, b): MODE 0: a = the new fp32 state, or out's value (out_dtype) when LAST; b unused.
-    MODE 1: a = the new hi (out_dtype), b = the new lo (int8; unused when LAST)."""
+    MODE 1: a = the new hi (out_dtype), b = the new lo (int8; unused when LAST); bf16: the bits of the state
+    rounded to 24 bits, fp16: hi + lo * unit(hi) (module docstring)."""
     total = acc
     if MODE == 0:
         if not FIRST:
@@ -112,6 +116,18 @@ def fold(acc, prev_a, prev_b, out_dtype: tl.constexpr, MODE: tl.constexpr, FIRST
         if LAST:
             a = round_to(total, out_dtype, EMULATE)
         b = a
+    elif out_dtype == tl.bfloat16:
+        if not FIRST:   # hi:lo:00, the state's fp32 bits
+            bits = (prev_a.to(tl.uint16, bitcast=True).to(tl.uint32) << 16) | (
+                prev_b.to(tl.uint8, bitcast=True).to(tl.uint32) << 8)
+            total += bits.to(tl.float32, bitcast=True)
+        if LAST:
+            a = round_to(total, out_dtype, EMULATE)
+            b = a
+        else:
+            rounded = total.to(tl.uint32, bitcast=True) + 0x80
+            a = (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            b = ((rounded >> 8) & 0xFF).to(tl.uint8).to(tl.int8, bitcast=True)
     else:
         if not FIRST:
             unit, _ = lo_unit(prev_a)

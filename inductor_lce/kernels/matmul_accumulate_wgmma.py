@@ -16,11 +16,12 @@ for that kernel in triton 3.6 (NOTES 8.7). Here the roles are explicit ("ping-po
   and every wait's phase parity is unambiguous; while one folds its tile into the state, the other's wgmma
   keep the tensor cores busy.
 
-Measured on the H100 (NOTES 8.8): correct, but not faster than matmul_accumulate_tma.py (MODE 1: 6.3 against
-5.4 ms per chunk at 8192 x 2304 x 256000): with a 128 x 128 tile per consumer (what one warpgroup's registers
-hold) every chunk re-reads its operands from L2 V * D * K / 32 bytes, 1.33x the 128 x 256 Triton tile's.
-So it is opt-in (Settings.fused_grad_weight_kernel = "wgmma"), kept as the base for a cooperative / multicast
-version.
+Measured on the H100 (NOTES 8.8, 8.10): per chunk, against matmul_accumulate_tma.py, it wins where the chunk is
+short (K = 768 rows: 0.89 against 1.13 ms), ties at K = 2048 and loses at 8192 x 4096 x 128256 (K = 1408: 3.1
+against 2.7 ms): a 128 x 128 tile per consumer (what one warpgroup's registers hold) re-reads its operands from
+L2 V * D * K / 32 bytes per chunk, 1.33x the 128 x 256 Triton tile's. So the host times both (and each of its
+configs) on the first accumulating launch per shape and keeps the faster (Settings.fused_grad_weight_kernel
+"auto"; "wgmma" forces it).
 
 Operands as in matmul_accumulate_tma.py: A through its transpose (the row-major [K, M] chunk, boxes [BLOCK_K,
 BLOCK_M], read by wgmma as an M-major [BLOCK_M, BLOCK_K] view), B row-major [K, N] (boxes [BLOCK_K, BLOCK_N]);
@@ -167,13 +168,15 @@ if gluon is not None:
 
 
 @functools.lru_cache(maxsize=None)
-def wgmma_config() -> dict:
-    """The tile (_config.configs("grad_weight_wgmma"), one config: not autotuned) as launch arguments; read once,
-    like the autotuned kernels' configs (the host launches it once per chunk)."""
-    (cfg,) = configs("grad_weight_wgmma")
-    kw = dict(cfg.kwargs)
-    return dict(BLOCK_M=kw["BLOCK_M"], BLOCK_N=kw["BLOCK_N"], BLOCK_K=kw["BLOCK_K"], maxnreg=cfg.maxnreg,
-                constexprs=kw)
+def wgmma_configs() -> tuple:
+    """The tiles (_config.configs("grad_weight_wgmma")) as launch arguments, read once. The host times them
+    against matmul_accumulate_tma.py on the first accumulating launch per shape (lce_triton._grad_weight_kernel)."""
+    out = []
+    for cfg in configs("grad_weight_wgmma"):
+        kw = dict(cfg.kwargs)
+        out.append(dict(BLOCK_M=kw["BLOCK_M"], BLOCK_N=kw["BLOCK_N"], BLOCK_K=kw["BLOCK_K"], maxnreg=cfg.maxnreg,
+                        constexprs=kw))
+    return tuple(out)
 
 
 def wgmma_descriptor(t, block: list):

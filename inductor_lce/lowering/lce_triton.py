@@ -58,7 +58,7 @@ from ..kernels.lse_forward import lse_forward_kernel
 from ..kernels.lse_update import lse_update_kernel
 from ..kernels.matmul_accumulate import matmul_accumulate_kernels
 from ..kernels.matmul_accumulate_tma import matmul_accumulate_tma_kernels
-from ..kernels.matmul_accumulate_wgmma import wgmma_config, wgmma_descriptor, wgmma_kernel
+from ..kernels.matmul_accumulate_wgmma import wgmma_configs, wgmma_descriptor, wgmma_kernel
 from ..kernels.softmax_grad_rows import softmax_grad_rows_kernel
 
 __all__ = ["Settings", "SETTINGS", "lce_forward_impl", "lce_backward_impl", "lce_fused_impl", "plan_backward",
@@ -90,10 +90,12 @@ class Settings:
     # fp32 grad_weight accumulation (fp32 state, fp32 weights) on CUDA: cuBLAS (aten::addmm.dtype_out, where this
     # torch has it and it works) or the Triton matmul_accumulate kernel
     fused_fp32_gemm: str = os.environ.get("INDUCTOR_LCE_FUSED_FP32_GEMM", "cublas")   # cublas | triton
-    # the fused op's grad_weight accumulation kernel: "tma" (matmul_accumulate_tma.py, where TMA applies; else
-    # "pointer") | "pointer" | "wgmma" (matmul_accumulate_wgmma.py, Gluon, sm_90, where TMA applies; else as "tma";
-    # opt-in: slower on the H100, bench/NOTES.md 8.8)
-    fused_grad_weight_kernel: str = os.environ.get("INDUCTOR_LCE_FUSED_GRAD_WEIGHT_KERNEL", "tma")
+    # the fused op's grad_weight accumulation kernel: "auto" (on sm_90 with Gluon: matmul_accumulate_tma.py and
+    # each matmul_accumulate_wgmma.py config timed on the first accumulating launch per shape, the fastest kept;
+    # elsewhere as "tma") | "tma" (matmul_accumulate_tma.py where TMA applies, else "pointer") | "pointer"
+    # (matmul_accumulate.py) | "wgmma" (matmul_accumulate_wgmma.py's first config, sm_90, where TMA applies;
+    # else as "tma"). bench/NOTES.md 8.8, 8.10
+    fused_grad_weight_kernel: str = os.environ.get("INDUCTOR_LCE_FUSED_GRAD_WEIGHT_KERNEL", "auto")
 
 
 SETTINGS = Settings()
@@ -379,8 +381,10 @@ def _matmul_accumulate(use: str, a: Tensor, b: Tensor, out: Tensor, state: Tenso
     A FIRST launch reads no state: its tuner saves nothing (replays write the same values). The others do: the
     first of them per key runs on its first rows alone (about two waves of the largest tile), see _tuning_split."""
     tma = use == "grad_weight" and _tma_applies(a, b, traced)
-    if tma and _wgmma_applies(a, out):
-        _launch_wgmma(a, b, state, out, mode=mode, first=first, last=last)
+    wgmma = tma and _grad_weight_kernel(a, b, state, out, mode=mode, first=first, last=last, m_key=m_key,
+                                        k_key=k_key)
+    if wgmma:
+        _launch_wgmma(a, b, state, out, mode=mode, first=first, last=last, cfg=wgmma)
         return
     first_kernel, later_kernel = matmul_accumulate_tma_kernels if tma else matmul_accumulate_kernels[use]
     kernel = first_kernel if first else later_kernel
@@ -417,8 +421,8 @@ def _matmul_accumulate(use: str, a: Tensor, b: Tensor, out: Tensor, state: Tenso
 def _tma_applies(a: Tensor, b: Tensor, traced: bool) -> bool:
     """Whether matmul_accumulate_tma.py can run out += a @ b: eager (Inductor's tracing of descriptor arguments is
     not relied on), sm_90+ or the interpreter, a M-major and b row-major with 16-byte aligned rows and bases."""
-    if SETTINGS.fused_grad_weight_kernel not in ("wgmma", "tma", "pointer"):
-        raise ValueError("fused_grad_weight_kernel must be wgmma, tma or pointer, got "
+    if SETTINGS.fused_grad_weight_kernel not in ("auto", "wgmma", "tma", "pointer"):
+        raise ValueError("fused_grad_weight_kernel must be auto, wgmma, tma or pointer, got "
                          f"{SETTINGS.fused_grad_weight_kernel!r}")
     if SETTINGS.fused_grad_weight_kernel == "pointer" or traced or TensorDescriptor is None:
         return False
@@ -429,18 +433,81 @@ def _tma_applies(a: Tensor, b: Tensor, traced: bool) -> bool:
 
 
 def _wgmma_applies(a: Tensor, out: Tensor) -> bool:
-    """Whether matmul_accumulate_wgmma.py runs (where _tma_applies): chosen, Gluon's Hopper API present, compiled
-    (not interpreted) for sm_90 exactly (wgmma), 16-bit operands and output."""
-    return (SETTINGS.fused_grad_weight_kernel == "wgmma" and wgmma_kernel is not None and not INTERPRET
+    """Whether matmul_accumulate_wgmma.py may run (where _tma_applies): "auto" or "wgmma", Gluon's Hopper API
+    present, compiled (not interpreted) for sm_90 exactly (wgmma), 16-bit operands and output."""
+    return (SETTINGS.fused_grad_weight_kernel in ("auto", "wgmma") and wgmma_kernel is not None and not INTERPRET
             and a.device.type == "cuda" and _capability(str(a.device)) == (9, 0)
             and a.dtype in (torch.bfloat16, torch.float16) and out.dtype == a.dtype)
 
 
-def _launch_wgmma(a: Tensor, b: Tensor, state: Tensor, out: Tensor, *, mode: int, first: bool, last: bool) -> None:
-    """One launch of matmul_accumulate_wgmma.py: out (+)= a @ b, a [M, K] M-major (read as a.t(), row-major)."""
+# {(N, m_key, k_key, dtypes, mode): None (matmul_accumulate_tma.py) or a matmul_accumulate_wgmma.py config}
+_GRAD_WEIGHT_CHOICE: dict = {}
+
+
+def _grad_weight_kernel(a: Tensor, b: Tensor, state: Tensor, out: Tensor, *, mode: int, first: bool, last: bool,
+                        m_key: int, k_key: int) -> Optional[dict]:
+    """The wgmma config to run out (+)= a @ b with, or None for matmul_accumulate_tma.py (where TMA applies).
+    "auto": the faster on this shape, timed once per key on the first launch that reads a state (a FIRST launch
+    runs the TMA kernel until then): neither kernel wins everywhere (bench/NOTES.md 8.10)."""
+    if not _wgmma_applies(a, out):
+        return None
+    configs = wgmma_configs()
+    if SETTINGS.fused_grad_weight_kernel == "wgmma":
+        return configs[0]
+    key = (b.shape[1], m_key, k_key, a.dtype, b.dtype, state.dtype, out.dtype, mode)
+    if key not in _GRAD_WEIGHT_CHOICE:
+        if first:
+            return None
+        _GRAD_WEIGHT_CHOICE[key] = _fastest_grad_weight_kernel(a, b, state, out, (None,) + configs, mode=mode,
+                                                               last=last, m_key=m_key, k_key=k_key)
+    return _GRAD_WEIGHT_CHOICE[key]
+
+
+def _fastest_grad_weight_kernel(a: Tensor, b: Tensor, state: Tensor, out: Tensor, candidates: tuple, *, mode: int,
+                                last: bool, m_key: int, k_key: int) -> Optional[dict]:
+    """Times each candidate (None: matmul_accumulate_tma.py, else a wgmma config) on the first rows of this launch
+    (four waves of 128 x 256 tiles), the best of 3 runs each; their state (out and state rows) is restored after
+    every run, so the launch itself is still to do. One host sync per key."""
+    M, N = a.shape[0], b.shape[1]
+    head = min(M, _cdiv(_cdiv(4 * _num_sms(str(a.device)) * 128 * 256, max(1, N)), 128) * 128)
+    a_h, out_h, state_h = a[:head], out[:head], state[:head]
+    saved = [(t, t.clone()) for t in ((out_h,) if state.data_ptr() == out.data_ptr() else (out_h, state_h))]
+    tma_kernel = matmul_accumulate_tma_kernels[1]
+
+    def launch(candidate):
+        if candidate is None:
+            _launch_tma(tma_kernel, a_h, b, state_h, out_h, mode=mode, first=False, last=last, m_key=m_key,
+                        k_key=k_key)
+        else:
+            _launch_wgmma(a_h, b, state_h, out_h, mode=mode, first=False, last=last, cfg=candidate)
+
+    def restore():
+        for t, copy in saved:
+            t.copy_(copy)
+
+    times = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for candidate in candidates:
+        launch(candidate)                                # compile (and autotune the TMA kernel's configs)
+        restore()
+        best = float("inf")
+        for _ in range(3):
+            start.record()
+            launch(candidate)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end))
+            restore()
+        times.append(best)
+    return candidates[times.index(min(times))]
+
+
+def _launch_wgmma(a: Tensor, b: Tensor, state: Tensor, out: Tensor, *, mode: int, first: bool, last: bool,
+                  cfg: dict) -> None:
+    """One launch of matmul_accumulate_wgmma.py with config ``cfg`` (wgmma_configs()): out (+)= a @ b, a [M, K]
+    M-major (read as a.t(), row-major)."""
     M, K = a.shape
     N = b.shape[1]
-    cfg = wgmma_config()
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     a_t_desc = wgmma_descriptor(a.t(), [bk, bm])
     b_desc = wgmma_descriptor(b, [bk, bn])
