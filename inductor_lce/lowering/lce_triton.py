@@ -36,6 +36,7 @@ tracing, ``wrap_triton`` turns each launch into a node Inductor compiles and lau
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -99,6 +100,7 @@ class Settings:
 
 
 SETTINGS = Settings()
+log = logging.getLogger("inductor_lce")
 
 MODE_FP32, MODE_COMPENSATED = 0, 1
 _GROUP_M = 8
@@ -456,7 +458,7 @@ def _grad_weight_kernel(a: Tensor, b: Tensor, state: Tensor, out: Tensor, *, mod
         return configs[0]
     key = (b.shape[1], m_key, k_key, a.dtype, b.dtype, state.dtype, out.dtype, mode)
     if key not in _GRAD_WEIGHT_CHOICE:
-        if first:
+        if first or torch.cuda.is_current_stream_capturing():   # (no state yet / no host sync while capturing)
             return None
         _GRAD_WEIGHT_CHOICE[key] = _fastest_grad_weight_kernel(a, b, state, out, (None,) + configs, mode=mode,
                                                                last=last, m_key=m_key, k_key=k_key)
@@ -499,7 +501,12 @@ def _fastest_grad_weight_kernel(a: Tensor, b: Tensor, state: Tensor, out: Tensor
             best = min(best, start.elapsed_time(end))
             restore()
         times.append(best)
-    return candidates[times.index(min(times))]
+    choice = candidates[times.index(min(times))]
+    names = ["TMA" if c is None else f"Gluon {c['constexprs']['STAGES']} stages" for c in candidates]
+    log.info("grad_weight accumulation [%d, %d] += [%d, %d] @ [%d, %d] (mode %d): %s (ms on its first %d rows: %s)",
+             M, N, M, a.shape[1], a.shape[1], N, mode, names[times.index(min(times))], head,
+             ", ".join(f"{n} {t:.3f}" for n, t in zip(names, times)))
+    return choice
 
 
 def _launch_wgmma(a: Tensor, b: Tensor, state: Tensor, out: Tensor, *, mode: int, first: bool, last: bool,
