@@ -20,8 +20,9 @@ Measured on the H100 (NOTES 8.8, 8.10): per chunk, against matmul_accumulate_tma
 short (K = 768 rows: 0.89 against 1.13 ms), ties at K = 2048 and loses at 8192 x 4096 x 128256 (K = 1408: 3.1
 against 2.7 ms): a 128 x 128 tile per consumer (what one warpgroup's registers hold) re-reads its operands from
 L2 V * D * K / 32 bytes per chunk, 1.33x the 128 x 256 Triton tile's. So the host times both (and each of its
-configs) on the first accumulating launch per shape and keeps the faster (Settings.fused_grad_weight_kernel
-"auto"; "wgmma" forces it).
+configs) on the first rows of the first accumulating launch per shape and keeps the faster
+(Settings.fused_grad_weight_kernel "auto"; "wgmma" forces it). That timing still includes host launch overhead
+and picks this kernel at 8192 x 4096 x 128256 too (NOTES 8.10).
 
 Operands as in matmul_accumulate_tma.py: A through its transpose (the row-major [K, M] chunk, boxes [BLOCK_K,
 BLOCK_M], read by wgmma as an M-major [BLOCK_M, BLOCK_K] view), B row-major [K, N] (boxes [BLOCK_K, BLOCK_N]);
