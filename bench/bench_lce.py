@@ -529,6 +529,8 @@ def sweep(shapes):
     each variant of the grad_weight accumulation, x_chunks = time x chunk count (correctness:
     tests/test_kernels.py). The recompute path's pieces show in --profile."""
     import inductor_lce.lowering as L
+    from inductor_lce.kernels._config import row_configs
+    from inductor_lce.kernels.softmax_grad_rows import softmax_grad_rows_kernel_jit
     from inductor_lce.lowering import lce_triton as I
 
     info = versions()
@@ -601,17 +603,15 @@ def sweep(shapes):
                   ("grad_weight_mm_triton_tma_compensated", accumulate(I.MODE_COMPENSATED, lo, "tma")),
                   ("grad_weight_mm_gluon_wgmma_fp32", accumulate(I.MODE_FP32, st32, "wgmma")),
                   ("grad_weight_mm_gluon_wgmma_compensated", accumulate(I.MODE_COMPENSATED, lo, "wgmma"))]
+
         def softmax_with(cfg):
             """softmax_grad_rows.py with one config on the whole chunk (the autotuner times its configs on the first
             2 x SMs rows only)."""
-            from inductor_lce.kernels.softmax_grad_rows import softmax_grad_rows_kernel_jit as kernel
-
             programs = -(-c // cfg.kwargs["BLOCK_M"])
-            return lambda: kernel[(programs,)](logits, y_c, loss, lse, scale, c, V, logits.stride(0), -100, 0.0,
-                                               HAS_SOFTCAP=False, EMULATE_ROUNDING=False, **cfg.kwargs,
-                                               num_warps=cfg.num_warps)
+            return lambda: softmax_grad_rows_kernel_jit[(programs,)](
+                logits, y_c, loss, lse, scale, c, V, logits.stride(0), -100, 0.0, HAS_SOFTCAP=False,
+                EMULATE_ROUNDING=False, **cfg.kwargs, num_warps=cfg.num_warps)
 
-        from inductor_lce.kernels._config import row_configs
         pieces += [("softmax_grad_rows_" + "_".join(f"{v}" for v in (*cfg.kwargs.values(), cfg.num_warps)),
                     softmax_with(cfg)) for cfg in row_configs("softmax_grad_rows")]
         if I._cublas_fp32_accumulate_works(DEV):
