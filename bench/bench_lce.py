@@ -35,6 +35,7 @@ import argparse
 import datetime
 import gc
 import json
+import logging
 import os
 import sys
 import time
@@ -572,11 +573,11 @@ def sweep(shapes):
         lo = torch.zeros(V, D, device=DEV, dtype=torch.int8)
         padded = stride % I._chunk_grain() == 0
 
-        def accumulate(mode, state, kernel):
+        def accumulate(mode, state, kernel, first=False):
             def run():
                 saved, I.SETTINGS.fused_grad_weight_kernel = I.SETTINGS.fused_grad_weight_kernel, kernel
                 try:
-                    I._matmul_accumulate("grad_weight", gl_t, h_c, gw, state, mode=mode, first=False, last=False,
+                    I._matmul_accumulate("grad_weight", gl_t, h_c, gw, state, mode=mode, first=first, last=False,
                                          m_key=I._bucket(V), k_key=I._bucket(c), a_padded=padded)
                 finally:
                     I.SETTINGS.fused_grad_weight_kernel = saved
@@ -602,7 +603,12 @@ def sweep(shapes):
                   ("grad_weight_mm_triton_tma_fp32", accumulate(I.MODE_FP32, st32, "tma")),
                   ("grad_weight_mm_triton_tma_compensated", accumulate(I.MODE_COMPENSATED, lo, "tma")),
                   ("grad_weight_mm_gluon_wgmma_fp32", accumulate(I.MODE_FP32, st32, "wgmma")),
-                  ("grad_weight_mm_gluon_wgmma_compensated", accumulate(I.MODE_COMPENSATED, lo, "wgmma"))]
+                  ("grad_weight_mm_gluon_wgmma_compensated", accumulate(I.MODE_COMPENSATED, lo, "wgmma")),
+                  ("grad_weight_mm_gluon_cooperative_compensated", accumulate(I.MODE_COMPENSATED, lo, "cooperative")),
+                  # the first chunk's launch (no state read): the kernels' GEMM + store alone
+                  ("grad_weight_first_triton_tma_compensated", accumulate(I.MODE_COMPENSATED, lo, "tma", True)),
+                  ("grad_weight_first_gluon_cooperative_compensated",
+                   accumulate(I.MODE_COMPENSATED, lo, "cooperative", True))]
 
         def softmax_with(cfg):
             """softmax_grad_rows.py with one config on the whole chunk (the autotuner times its configs on the first
@@ -661,6 +667,8 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--host", action="store_true")
     args = ap.parse_args()
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("inductor_lce").setLevel(logging.INFO)   # (the per-shape grad_weight kernel choice)
     if args.compile_report:
         compile_report()
         return

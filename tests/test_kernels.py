@@ -522,10 +522,12 @@ def test_fused_plan():
         pytest.skip("planned with the GPU grains")
     mib, bf16 = 2**20, torch.bfloat16
     assert I.SETTINGS.fused_workspace_bytes is None or "INDUCTOR_LCE_FUSED_WORKSPACE_MB" in os.environ
+    # by default under half of one [N, V] logits tensor (plain compile keeps one): the issue-8 memory target
+    assert I.SETTINGS.fused_workspace_fraction < 0.5 or "INDUCTOR_LCE_FUSED_WORKSPACE_FRACTION" in os.environ
     for N, D, V in [(8192, 2304, 256000), (8192, 4096, 128256), (16384, 2048, 32000), (3000, 512, 20000),
                     (4096, 1024, 50257), (1000, 4096, 151936)]:
         ws = I.default_fused_workspace(N, V, bf16)
-        assert ws == max(64 * mib, int(0.45 * N * V * 2))
+        assert ws == max(64 * mib, int(I.SETTINGS.fused_workspace_fraction * N * V * 2))
         stride = I._chunk_stride(V, traced=False)
         assert stride % 256 == 0 and V <= stride < V + 256
         plan = I.plan_fused(N, D, V, bf16, state="auto")
@@ -797,9 +799,10 @@ def test_kernels_build_for_hopper_offline():
         assert report["spill_bytes"] == 0 or name == "grad_logits", (name, const, report)
 
 
-def test_wgmma_kernel_builds_for_hopper_offline():
-    """matmul_accumulate_wgmma.py (Gluon) compiles for sm_90 without a GPU in both state modes: wgmma, TMA loads,
-    the partitions' setmaxnreg, and shared memory within sm_90's 227 KB."""
+def test_gluon_kernels_build_for_hopper_offline():
+    """matmul_accumulate_wgmma.py (both state modes) and matmul_accumulate_cooperative.py (Gluon) compile for sm_90
+    without a GPU: wgmma, TMA loads (and the cooperative kernel's TMA stores), the partitions' setmaxnreg, shared
+    memory within sm_90's 227 KB, and (cooperative) no spills."""
     pytest.importorskip("triton")
     import inductor_lce.lowering as L
 
@@ -826,6 +829,26 @@ def test_wgmma_kernel_builds_for_hopper_offline():
             ptx = kernel.asm["ptx"]
             assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx and "setmaxnreg" in ptx, (cfg, mode)
             assert kernel.metadata.shared <= 227 * 1024, (cfg, mode, kernel.metadata.shared)
+    from inductor_lce.kernels import matmul_accumulate_cooperative as C
+    from inductor_lce.lowering._compile_check import ptxas_report
+
+    def desc(dtype, gl_dtype, box):
+        return f"tensordesc<{dtype}[{box[0]},{box[1]}],{gl.NVMMASharedLayout.get_default_for(box, gl_dtype)!r}>"
+
+    for cfg in C.cooperative_configs():
+        bm, half, bk = cfg["BLOCK_M"], cfg["BLOCK_N"] // 2, cfg["BLOCK_K"]
+        descs = dict(a_t_desc=desc("bf16", gl.bfloat16, [bk, bm]), b_desc=desc("bf16", gl.bfloat16, [bk, half]),
+                     hi_desc=desc("bf16", gl.bfloat16, [bm, half]), lo_desc=desc("i8", gl.int8, [bm, half]))
+        for first, last in ((False, False), (True, False), (False, True)):
+            kernel = compile_sm90(C.matmul_accumulate_cooperative_kernel_jit,
+                                  dict(FIRST=first, LAST=last, GROUP_M=8, NUM_SMS=132, **cfg["constexprs"]),
+                                  cfg["num_warps"], 1, ptr_types=descs, maxnreg=cfg["maxnreg"])
+            ptx = kernel.asm["ptx"]
+            assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx and "setmaxnreg" in ptx, (cfg, first)
+            # the state goes through shared memory both ways: TMA stores out of it
+            assert "cp.async.bulk.tensor.2d.global.shared" in ptx, cfg
+            assert kernel.metadata.shared <= 227 * 1024, (cfg, first, kernel.metadata.shared)
+            assert ptxas_report(kernel)["spill_bytes"] == 0, (cfg, first, last)
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -905,8 +928,9 @@ _FUSED_GPU_PLANS = [
     ("compensated", dict(fused_workspace_bytes=30 * _MIB)),                        # 6 chunks of 512 rows
     ("compensated", dict(fused_workspace_bytes=16 * _MIB, fused_state="compensated")),  # 24 chunks of 128
     ("recompute", dict(fused_workspace_bytes=_MIB)),
-    # matmul_accumulate_wgmma.py (Gluon, sm_90) in both state modes
+    # matmul_accumulate_wgmma.py (Gluon, sm_90) in both state modes, matmul_accumulate_cooperative.py (compensated)
     ("compensated", dict(fused_workspace_bytes=30 * _MIB, fused_grad_weight_kernel="wgmma")),
+    ("compensated", dict(fused_workspace_bytes=30 * _MIB, fused_grad_weight_kernel="cooperative")),
     ("fp32", dict(fused_workspace_bytes=100 * _MIB, fused_fp32_gemm="triton", fused_grad_weight_kernel="wgmma")),
 ]
 
@@ -942,44 +966,83 @@ def test_cuda_fused_matches_reference(plan, settings, softcap, bias):
 
 
 @cuda
-@pytest.mark.parametrize("state,workspace", [("compensated", 30 * _MIB), ("fp32", 100 * _MIB)])
-def test_cuda_grad_weight_wgmma_kernel(state, workspace):
-    """matmul_accumulate_wgmma.py on sm_90: every accumulation of a multi-chunk plan, ragged in every dim (V =
-    20000 and D = 520 are not multiples of the 128 x 128 tile, the last chunk's 440 rows not of BLOCK_K), launches
-    it, and the outputs match the reference and the TMA Triton kernel's (one ulp of grad_weight apart at most:
-    the K sums run in another order)."""
+@pytest.mark.parametrize("kernel,state,workspace", [("wgmma", "compensated", 30 * _MIB), ("wgmma", "fp32", 100 * _MIB),
+                                                    ("cooperative", "compensated", 30 * _MIB),
+                                                    ("cooperative", "fp32", 100 * _MIB)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_grad_weight_gluon_kernels(kernel, state, workspace, dtype):
+    """The Gluon kernels on sm_90 (matmul_accumulate_wgmma.py, matmul_accumulate_cooperative.py): every
+    accumulation of a multi-chunk plan, ragged in every dim (V = 20000 and D = 528 are not multiples of the tiles,
+    the last chunk's 440 rows not of BLOCK_K), launches the forced kernel (cooperative: the compensated state only;
+    with an fp32 state the TMA kernel runs), and the outputs match the reference and the TMA Triton kernel's (one
+    ulp of grad_weight apart at most: the K sums run in another order)."""
     from inductor_lce.lowering import lce_triton
 
     if torch.cuda.get_device_capability() != (9, 0) or lce_triton.wgmma_kernel is None:
-        pytest.skip("matmul_accumulate_wgmma.py runs on sm_90 with Gluon's Hopper API")
-    inputs = fused_inputs(3000, 520, 20000, torch.bfloat16, False, 0.1, -100, "mean", device="cuda")
+        pytest.skip("the Gluon kernels run on sm_90 with Gluon's Hopper API")
+    inputs = fused_inputs(3000, 528, 20000, dtype, False, 0.1, -100, "mean", device="cuda")
     settings = dict(fused_workspace_bytes=workspace, fused_fp32_gemm="triton")
     launches = []
-    orig = lce_triton._launch_wgmma
+    orig = lce_triton._launch_gluon
 
     def counting(*args, **kwargs):
-        launches.append(kwargs["mode"])
+        launches.append((kwargs["cfg"]["kernel"], kwargs["mode"]))
         return orig(*args, **kwargs)
 
-    lce_triton._launch_wgmma = counting
+    lce_triton._launch_gluon = counting
     try:
-        got, (state_mode, chunk_rows) = run_fused(inputs, -100, dict(settings, fused_grad_weight_kernel="wgmma"))
-        n_wgmma = len(launches)
+        got, (state_mode, chunk_rows) = run_fused(inputs, -100, dict(settings, fused_grad_weight_kernel=kernel))
+        n_gluon = len(launches)
         tma, _ = run_fused(inputs, -100, dict(settings, fused_grad_weight_kernel="tma"))
     finally:
-        lce_triton._launch_wgmma = orig
-    assert state_mode == state and n_wgmma == -(-3000 // chunk_rows) and len(launches) == n_wgmma, launches
-    check_fused_outputs(got, inputs, -100, f"wgmma {state}")
+        lce_triton._launch_gluon = orig
+    runs = not (kernel == "cooperative" and state == "fp32")
+    assert state_mode == state and len(launches) == n_gluon, launches
+    assert launches == ([(kernel, 1 if state == "compensated" else 0)] * -(-3000 // chunk_rows) if runs else []), \
+        launches
+    check_fused_outputs(got, inputs, -100, f"{kernel} {state} {dtype}")
     loss, _, grad_hidden, grad_weight = got[:4]
     assert torch.equal(loss, tma[0]) and torch.equal(grad_hidden, tma[2])   # (not computed by this kernel)
-    ulp = torch.finfo(torch.bfloat16).eps * grad_weight.float().abs().clamp_min(1e-30)
+    ulp = torch.finfo(dtype).eps * grad_weight.float().abs().clamp_min(1e-30)
     assert ((grad_weight.float() - tma[3].float()).abs() <= ulp).all()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_cooperative_kernel_configs(dtype):
+    """Every matmul_accumulate_cooperative.py config (one or two state buffers, 4-5 or 3 stages) over a FIRST, a
+    middle and a LAST launch on a ragged problem (M = 20000, N = 528, K = 700: no multiple of any tile), against
+    the same launches of matmul_accumulate_tma.py: within one ulp of it (the K sums run in another order) and as
+    close to the exact fp32 sum."""
+    from inductor_lce.lowering import lce_triton as I
+
+    if torch.cuda.get_device_capability() != (9, 0) or I.cooperative_kernel is None:
+        pytest.skip("matmul_accumulate_cooperative.py runs on sm_90 with Gluon's Hopper API")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    chunks = [(torch.randn(700, 20000, device="cuda", generator=g) * 0.01).to(dtype).t() for _ in range(3)]
+    b = [torch.randn(700, 528, device="cuda", generator=g).to(dtype) for _ in range(3)]
+
+    def run(launch):
+        out = torch.empty(20000, 528, device="cuda", dtype=dtype)
+        lo = torch.empty(20000, 528, device="cuda", dtype=torch.int8)
+        for i, (a_i, b_i) in enumerate(zip(chunks, b)):
+            launch(a_i, b_i, lo, out, mode=I.MODE_COMPENSATED, first=i == 0, last=i == 2)
+        return out
+
+    ref = run(lambda *a, **k: I._launch_tma(I.matmul_accumulate_tma_kernels[0 if k["first"] else 1], *a,
+                                            m_key=I._bucket(20000), k_key=I._bucket(700), **k))
+    exact = sum(a_i.float() @ b_i.float() for a_i, b_i in zip(chunks, b))
+    for cfg in I.cooperative_configs():
+        got = run(lambda *a, **k: I._launch_gluon(*a, cfg=cfg, **k))
+        ulp = torch.finfo(dtype).eps * torch.maximum(got.float().abs(), ref.float().abs()).clamp_min(1e-30)
+        assert ((got.float() - ref.float()).abs() <= ulp).all(), cfg["name"]
+        assert rel(got, exact) <= 1.01 * rel(ref, exact), cfg["name"]
 
 
 @cuda
 def test_cuda_grad_weight_kernel_auto_choice():
     """Settings.fused_grad_weight_kernel = "auto" on sm_90: the first launch that reads a state times the TMA kernel
-    and each wgmma config on its first rows, restores those rows bitwise, records one choice per shape, and the op
+    and each Gluon config on its first rows, restores those rows bitwise, records one choice per shape, and the op
     stays exact on that call and on the next one (which runs the choice from the first chunk on)."""
     from inductor_lce.lowering import lce_triton
 
@@ -988,17 +1051,19 @@ def test_cuda_grad_weight_kernel_auto_choice():
     # the timing alone: the state it was handed is unchanged afterwards
     g = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(512, 20000, device="cuda", generator=g).to(torch.bfloat16).t()       # [V, K], M-major
-    b = torch.randn(512, 520, device="cuda", generator=g).to(torch.bfloat16)
-    out = torch.randn(20000, 520, device="cuda", generator=g).to(torch.bfloat16)
-    lo = torch.randint(-128, 128, (20000, 520), device="cuda", dtype=torch.int8, generator=g)
+    b = torch.randn(512, 528, device="cuda", generator=g).to(torch.bfloat16)
+    out = torch.randn(20000, 528, device="cuda", generator=g).to(torch.bfloat16)
+    lo = torch.randint(-128, 128, (20000, 528), device="cuda", dtype=torch.int8, generator=g)
     out0, lo0 = out.clone(), lo.clone()
+    candidates = lce_triton._gluon_configs(a, lo, out, lce_triton.MODE_COMPENSATED)
+    assert {c["kernel"] for c in candidates} == {"wgmma", "cooperative"}, candidates
     choice = lce_triton._fastest_grad_weight_kernel(
-        a, b, lo, out, (None,) + lce_triton.wgmma_configs(), mode=lce_triton.MODE_COMPENSATED, last=False,
+        a, b, lo, out, (None,) + candidates, mode=lce_triton.MODE_COMPENSATED, last=False,
         m_key=lce_triton._bucket(20000), k_key=lce_triton._bucket(512))
-    assert choice is None or choice in lce_triton.wgmma_configs()
+    assert choice is None or choice in candidates
     assert torch.equal(out, out0) and torch.equal(lo, lo0)
     # in the op: one recorded choice for the shape, exact results on both calls
-    inputs = fused_inputs(3000, 520, 20000, torch.bfloat16, False, 0.1, -100, "mean", device="cuda")
+    inputs = fused_inputs(3000, 528, 20000, torch.bfloat16, False, 0.1, -100, "mean", device="cuda")
     saved = dict(lce_triton._GRAD_WEIGHT_CHOICE)
     lce_triton._GRAD_WEIGHT_CHOICE.clear()
     try:

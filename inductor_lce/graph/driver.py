@@ -238,7 +238,7 @@ class LinearCrossEntropyPass(CustomGraphPass):
         # also rewrite a loss on bf16/fp16 logits (no .float(), nanoGPT): the fused loss is then
         # computed in fp32 and more accurate than eager's, so not bit-equal to it (opt-in)
         self.low_precision_logits = low_precision_logits
-        # never take the three-GEMM algorithm: ~64 MB of workspace instead of up to ~45% of one
+        # never take the three-GEMM algorithm: ~64 MB of workspace instead of up to ~49% of one
         # low-precision [N, V] logits tensor, for ~1.3-1.7x the default's time (README: choosing the algorithm)
         self.lean = lean
 

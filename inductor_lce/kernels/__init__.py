@@ -7,7 +7,9 @@
   softmax_grad_rows.py      fused op: loss, lse and grad_logits of whole rows of V in place (two passes per row)
   matmul_accumulate.py      GEMM with a running fp32 or compensated bf16 state (grad_hidden, grad_weight)
   matmul_accumulate_tma.py  the same, persistent with TMA descriptors (sm_90)
-  matmul_accumulate_wgmma.py  the same in Gluon, warp-specialized (sm_90; timed against the TMA one per shape)
+  matmul_accumulate_wgmma.py  the same in Gluon, warp-specialized ping-pong (sm_90; timed against the others per shape)
+  matmul_accumulate_cooperative.py  the compensated state in Gluon, 128 x 256 cooperative tiles, the state moved by
+                            TMA through shared memory (sm_90; timed against the others per shape)
 
 and the ``@triton.jit`` helpers they share: ``_config.py`` (autotuning configs, constants, the interpreter's
 flags and patches, applied when a kernel module is imported), ``_grid.py`` (tile order), ``_rounding.py``

@@ -77,16 +77,24 @@ def _wgmma(bm=128, bn=128, bk=64, stages=6, consumer_regs=232, maxnreg=168, coal
                               COALESCE=bool(coalesce)), num_warps=4, maxnreg=maxnreg)
 
 
+def _cooperative(bk=32, stages=4, state_bufs=2, maxnreg=168):
+    """matmul_accumulate_cooperative.py's config: 128 x 256 CTA tiles (8 consumer warps + 2 loader warps)."""
+    return triton.Config(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=bk, STAGES=stages, STATE_BUFS=state_bufs),
+                         num_warps=8, maxnreg=maxnreg)
+
+
 def _from_env(name):
     """``INDUCTOR_LCE_<NAME>_CONFIG=bm,bn,bk,warps,stages[,prefetch,epilogue_split]``: pin one config (sweeps,
     debugging; the last two are matmul_accumulate's PREFETCH and EPILOGUE_SPLIT; grad_weight_wgmma:
-    bm,bn,bk,stages,consumer_regs,maxnreg,coalesce)."""
+    bm,bn,bk,stages,consumer_regs,maxnreg,coalesce; grad_weight_cooperative: bk,stages,state_bufs,maxnreg)."""
     spec = os.environ.get(f"INDUCTOR_LCE_{name.upper()}_CONFIG")
     if not spec:
         return None
     values = [int(x) for x in spec.split(",")]
     if name == "grad_weight_wgmma":  # bm,bn,bk,stages,consumer_regs,maxnreg,coalesce
         return [_wgmma(*values)]
+    if name == "grad_weight_cooperative":  # bk,stages,state_bufs,maxnreg
+        return [_cooperative(*values)]
     if name == "grad_weight_tma":  # (its sixth value: EPILOGUE_SPLIT)
         return [_cfg(*values[:5], EPILOGUE_SPLIT=values[5] if len(values) > 5 else 1)]
     extra = dict(PREFETCH=bool(values[5]), EPILOGUE_SPLIT=values[6]) if len(values) > 5 else {}
@@ -109,6 +117,11 @@ def configs(kernel: str) -> list:
         # maxnreg 168 at launch for 4 + 4 + 1 (rounded to 4) warps, which setmaxnreg turns into 248 / 232 / 24.
         # 6 or 4 stages, whichever is faster per shape (NOTES 8.10); 7 does not fit
         return [_wgmma(), _wgmma(stages=4)]
+    if kernel == "grad_weight_cooperative":
+        # matmul_accumulate_cooperative.py: ring of STAGES x (BLOCK_K x 128 + BLOCK_K x 256) 16-bit slots beside
+        # STATE_BUFS x 48 KB of state buffers (227 KB in all): 4-5 x 32 beside two halves, 3 x 64 beside one.
+        # 5 x 32 was the fastest of them at the three large shapes of the session-5 sweep (NOTES 8.12)
+        return [_cooperative(32, 5, 2), _cooperative(32, 4, 2), _cooperative(64, 3, 1)]
     if INTERPRET:  # BLOCK_N 64 > the interpreted slab/split grain (32): partial tiles inside slabs get tested
         # (grad_weight: the wide-tile variant, so both epilogues of matmul_accumulate run)
         extra = {"grad_weight": _WIDE, "grad_hidden": _NARROW, "grad_weight_tma": dict(EPILOGUE_SPLIT=2)}.get(kernel, {})

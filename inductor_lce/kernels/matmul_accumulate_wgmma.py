@@ -175,7 +175,8 @@ def wgmma_configs() -> tuple:
     out = []
     for cfg in configs("grad_weight_wgmma"):
         kw = dict(cfg.kwargs)
-        out.append(dict(BLOCK_M=kw["BLOCK_M"], BLOCK_N=kw["BLOCK_N"], BLOCK_K=kw["BLOCK_K"], maxnreg=cfg.maxnreg,
+        out.append(dict(kernel="wgmma", name=f"Gluon ping-pong {kw['STAGES']} stages", BLOCK_M=kw["BLOCK_M"],
+                        BLOCK_N=kw["BLOCK_N"], BLOCK_K=kw["BLOCK_K"], maxnreg=cfg.maxnreg, num_warps=cfg.num_warps,
                         constexprs=kw))
     return tuple(out)
 

@@ -25,8 +25,9 @@ chunk of ``chunk_rows`` tokens (whole rows of V), in order:
     grad_hidden[rows] = grad_logits @ weight            # cuBLAS, K = V, into the output: exact
     grad_weight      += grad_logits.T @ hidden[rows]    # exact over chunks: see plan_fused
     grad_bias        += grad_logits.sum(0)              # fp32 (with bias)
-Workspace, ``Settings.fused_workspace_bytes`` (default max(64 MiB, 0.45 * N * V * itemsize), i.e. at most ~45% of
-the one low-precision [N, V] logits tensor plain torch.compile keeps): one chunk of logits + the grad_weight state
+Workspace, ``Settings.fused_workspace_bytes`` (default max(64 MiB, f * N * V * itemsize), f =
+``Settings.fused_workspace_fraction`` = 0.49: under half of the one low-precision [N, V] logits tensor plain
+torch.compile keeps): one chunk of logits + the grad_weight state
 (none, fp32 [V, D] or int8 [V, D]); when even the smallest state and chunk do not fit, the op runs the recompute
 algorithm instead (lce_forward + lce_backward with grad_loss = grad_scale: same results, four GEMMs, lean memory).
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -59,6 +61,7 @@ from ..kernels.lse_forward import lse_forward_kernel
 from ..kernels.lse_update import lse_update_kernel
 from ..kernels.matmul_accumulate import matmul_accumulate_kernels
 from ..kernels.matmul_accumulate_tma import matmul_accumulate_tma_kernels
+from ..kernels.matmul_accumulate_cooperative import cooperative_configs, cooperative_descriptor, cooperative_kernel
 from ..kernels.matmul_accumulate_wgmma import wgmma_configs, wgmma_descriptor, wgmma_kernel
 from ..kernels.softmax_grad_rows import softmax_grad_rows_kernel
 
@@ -85,17 +88,21 @@ class Settings:
     row_groups: int = int(os.environ.get("INDUCTOR_LCE_ROW_GROUPS", "1"))
     check_targets: bool = os.environ.get("INDUCTOR_LCE_CHECK_TARGETS", "1") == "1"
     # fused op: bytes beyond the outputs for one logits chunk + the grad_weight state (see plan_fused);
-    # None: max(64 MiB, 0.45 * N * V * itemsize) per call
+    # None: max(64 MiB, fused_workspace_fraction * N * V * itemsize) per call
     fused_workspace_bytes: Optional[int] = _env_mb("INDUCTOR_LCE_FUSED_WORKSPACE_MB", None)
+    # that default's fraction of one [N, V] logits tensor (plain torch.compile keeps about one): < 0.5 keeps the
+    # op under half of plain compile's memory; larger, fewer chunks (fewer passes over the grad_weight state)
+    fused_workspace_fraction: float = float(os.environ.get("INDUCTOR_LCE_FUSED_WORKSPACE_FRACTION", "0.49"))
     fused_state: str = os.environ.get("INDUCTOR_LCE_FUSED_STATE", "auto")             # auto | fp32 | compensated
     # fp32 grad_weight accumulation (fp32 state, fp32 weights) on CUDA: cuBLAS (aten::addmm.dtype_out, where this
     # torch has it and it works) or the Triton matmul_accumulate kernel
     fused_fp32_gemm: str = os.environ.get("INDUCTOR_LCE_FUSED_FP32_GEMM", "cublas")   # cublas | triton
     # the fused op's grad_weight accumulation kernel: "auto" (on sm_90 with Gluon: matmul_accumulate_tma.py and
-    # each matmul_accumulate_wgmma.py config timed on the first accumulating launch per shape, the fastest kept;
-    # elsewhere as "tma") | "tma" (matmul_accumulate_tma.py where TMA applies, else "pointer") | "pointer"
-    # (matmul_accumulate.py) | "wgmma" (matmul_accumulate_wgmma.py's first config, sm_90, where TMA applies;
-    # else as "tma"). bench/NOTES.md 8.8, 8.10
+    # each matmul_accumulate_cooperative.py (compensated state) and matmul_accumulate_wgmma.py config timed on the
+    # first accumulating launch per shape, the fastest kept; elsewhere as "tma") | "tma" (matmul_accumulate_tma.py
+    # where TMA applies, else "pointer") | "pointer" (matmul_accumulate.py) | "cooperative" / "wgmma" (that Gluon
+    # kernel's first config, sm_90, where TMA applies (cooperative: compensated state only); else as "tma").
+    # bench/NOTES.md 8.8, 8.10, 8.12
     fused_grad_weight_kernel: str = os.environ.get("INDUCTOR_LCE_FUSED_GRAD_WEIGHT_KERNEL", "auto")
 
 
@@ -383,10 +390,10 @@ def _matmul_accumulate(use: str, a: Tensor, b: Tensor, out: Tensor, state: Tenso
     A FIRST launch reads no state: its tuner saves nothing (replays write the same values). The others do: the
     first of them per key runs on its first rows alone (about two waves of the largest tile), see _tuning_split."""
     tma = use == "grad_weight" and _tma_applies(a, b, traced)
-    wgmma = tma and _grad_weight_kernel(a, b, state, out, mode=mode, first=first, last=last, m_key=m_key,
+    gluon = tma and _grad_weight_kernel(a, b, state, out, mode=mode, first=first, last=last, m_key=m_key,
                                         k_key=k_key)
-    if wgmma:
-        _launch_wgmma(a, b, state, out, mode=mode, first=first, last=last, cfg=wgmma)
+    if gluon:
+        _launch_gluon(a, b, state, out, mode=mode, first=first, last=last, cfg=gluon)
         return
     first_kernel, later_kernel = matmul_accumulate_tma_kernels if tma else matmul_accumulate_kernels[use]
     kernel = first_kernel if first else later_kernel
@@ -396,7 +403,7 @@ def _matmul_accumulate(use: str, a: Tensor, b: Tensor, out: Tensor, state: Tenso
     if not first:
         grain = _max_block(kernel, "BLOCK_M")
         tile = max(int(c.kwargs["BLOCK_M"]) * int(c.kwargs["BLOCK_N"]) for c in kernel.configs)
-        head = _cdiv(2 * _num_sms(str(a.device)) * tile, max(1, N))
+        head = _cdiv(2 * _num_sms(str(a.device)) * tile, max(1, N))   # two waves of the largest tile
         head = M // 2 if INTERPRET else head   # (interpreted: small problems, still run the split launch)
         head = max(grain, _cdiv(head, grain) * grain)
         key = ("matmul_accumulate", use, tma, N, m_key, k_key, a.dtype, b.dtype, state.dtype, out.dtype)
@@ -420,41 +427,58 @@ def _matmul_accumulate(use: str, a: Tensor, b: Tensor, out: Tensor, state: Tenso
         )
 
 
+_GRAD_WEIGHT_KERNELS = ("auto", "cooperative", "wgmma", "tma", "pointer")
+
+
 def _tma_applies(a: Tensor, b: Tensor, traced: bool) -> bool:
     """Whether matmul_accumulate_tma.py can run out += a @ b: eager (Inductor's tracing of descriptor arguments is
     not relied on), sm_90+ or the interpreter, a M-major and b row-major with 16-byte aligned rows and bases."""
-    if SETTINGS.fused_grad_weight_kernel not in ("auto", "wgmma", "tma", "pointer"):
-        raise ValueError("fused_grad_weight_kernel must be auto, wgmma, tma or pointer, got "
+    if SETTINGS.fused_grad_weight_kernel not in _GRAD_WEIGHT_KERNELS:
+        raise ValueError(f"fused_grad_weight_kernel must be one of {', '.join(_GRAD_WEIGHT_KERNELS)}, got "
                          f"{SETTINGS.fused_grad_weight_kernel!r}")
     if SETTINGS.fused_grad_weight_kernel == "pointer" or traced or TensorDescriptor is None:
         return False
     if not INTERPRET and (a.device.type != "cuda" or _capability(str(a.device))[0] < 9):
         return False
-    aligned = all((t.stride(i) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0 for t, i in ((a, 1), (b, 0)))
-    return a.stride(0) == 1 and b.stride(1) == 1 and aligned
+    return a.stride(0) == 1 and b.stride(1) == 1 and _tma_aligned((a, 1), (b, 0))
 
 
-def _wgmma_applies(a: Tensor, out: Tensor) -> bool:
-    """Whether matmul_accumulate_wgmma.py may run (where _tma_applies): "auto" or "wgmma", Gluon's Hopper API
-    present, compiled (not interpreted) for sm_90 exactly (wgmma), 16-bit operands and output."""
-    return (SETTINGS.fused_grad_weight_kernel in ("auto", "wgmma") and wgmma_kernel is not None and not INTERPRET
-            and a.device.type == "cuda" and _capability(str(a.device)) == (9, 0)
-            and a.dtype in (torch.bfloat16, torch.float16) and out.dtype == a.dtype)
+def _tma_aligned(*tensor_dims) -> bool:
+    """16-byte aligned bases and strides along the given (tensor, dim) pairs (TMA descriptors need both)."""
+    return all((t.stride(i) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0 for t, i in tensor_dims)
 
 
-# {(N, m_key, k_key, dtypes, mode): None (matmul_accumulate_tma.py) or a matmul_accumulate_wgmma.py config}
+def _gluon_configs(a: Tensor, state: Tensor, out: Tensor, mode: int) -> tuple:
+    """The Gluon kernels' configs that may run out (+)= a @ b (where _tma_applies) under the setting: compiled (not
+    interpreted) for sm_90 exactly (wgmma), with Gluon's Hopper API, 16-bit operands and output;
+    matmul_accumulate_cooperative.py only for the compensated state (MODE 1), its hi / lo rows TMA-aligned."""
+    setting = SETTINGS.fused_grad_weight_kernel
+    if (INTERPRET or a.device.type != "cuda" or _capability(str(a.device)) != (9, 0)
+            or a.dtype not in (torch.bfloat16, torch.float16) or out.dtype != a.dtype):
+        return ()
+    found = ()
+    if setting in ("auto", "cooperative") and cooperative_kernel is not None and mode == MODE_COMPENSATED \
+            and out.stride(1) == 1 and state.stride(1) == 1 and _tma_aligned((out, 0), (state, 0)):
+        found += cooperative_configs()
+    if setting in ("auto", "wgmma") and wgmma_kernel is not None:
+        found += wgmma_configs()
+    return found
+
+
+# {(N, m_key, k_key, dtypes, mode): None (matmul_accumulate_tma.py) or a Gluon config (_gluon_configs)}
 _GRAD_WEIGHT_CHOICE: dict = {}
 
 
 def _grad_weight_kernel(a: Tensor, b: Tensor, state: Tensor, out: Tensor, *, mode: int, first: bool, last: bool,
                         m_key: int, k_key: int) -> Optional[dict]:
-    """The wgmma config to run out (+)= a @ b with, or None for matmul_accumulate_tma.py (where TMA applies).
-    "auto": the faster on this shape, timed once per key on the first launch that reads a state (a FIRST launch
-    runs the TMA kernel until then): neither kernel wins everywhere (bench/NOTES.md 8.10)."""
-    if not _wgmma_applies(a, out):
+    """The Gluon config to run out (+)= a @ b with, or None for matmul_accumulate_tma.py (where TMA applies).
+    "cooperative" / "wgmma": that kernel's first config where it applies; "auto": the fastest on this shape,
+    timed once per key on the first launch that reads a state (a FIRST launch runs the TMA kernel until then):
+    no kernel wins everywhere (bench/NOTES.md 8.10, 8.12)."""
+    configs = _gluon_configs(a, state, out, mode)
+    if not configs:
         return None
-    configs = wgmma_configs()
-    if SETTINGS.fused_grad_weight_kernel == "wgmma":
+    if SETTINGS.fused_grad_weight_kernel != "auto":
         return configs[0]
     key = (b.shape[1], m_key, k_key, a.dtype, b.dtype, state.dtype, out.dtype, mode)
     if key not in _GRAD_WEIGHT_CHOICE:
@@ -465,13 +489,23 @@ def _grad_weight_kernel(a: Tensor, b: Tensor, state: Tensor, out: Tensor, *, mod
     return _GRAD_WEIGHT_CHOICE[key]
 
 
+_TIMED_LAUNCHES = 3          # launches per timing, queued behind a GPU sleep
+_SLEEP_CYCLES = 4_000_000    # ~2 ms at sm_90 clocks: longer than the host takes to enqueue them
+
+
 def _fastest_grad_weight_kernel(a: Tensor, b: Tensor, state: Tensor, out: Tensor, candidates: tuple, *, mode: int,
                                 last: bool, m_key: int, k_key: int) -> Optional[dict]:
-    """Times each candidate (None: matmul_accumulate_tma.py, else a wgmma config) on the first rows of this launch
-    (four waves of 128 x 256 tiles), the best of 3 runs each; their state (out and state rows) is restored after
-    every run, so the launch itself is still to do. One host sync per key."""
+    """Times each candidate (None: matmul_accumulate_tma.py, else a Gluon config) on the first rows of this launch
+    and returns the fastest. The head is a whole number (>= 4) of waves of 128 x 256 tiles (and so of the ping-pong
+    kernel's pairs of 128 x 128 tiles): a last, partly filled wave would cost a kernel with larger tiles more than
+    it costs on the whole chunk (NOTES 8.12). A timing is 3 launches queued behind a GPU sleep, so the events see
+    the kernels alone, not the host's launch overhead (through Triton's autotuner as long as the kernel on that
+    head: NOTES 8.10); the best of 3 timings. The head's state (out and state rows) is restored after each, so
+    the launch itself is still to do. One host sync per key."""
     M, N = a.shape[0], b.shape[1]
-    head = min(M, _cdiv(_cdiv(4 * _num_sms(str(a.device)) * 128 * 256, max(1, N)), 128) * 128)
+    num_sms, col_tiles = _num_sms(str(a.device)), _cdiv(N, 256)
+    period = num_sms // math.gcd(num_sms, col_tiles)      # row blocks whose tiles fill whole waves
+    head = min(M, _cdiv(_cdiv(4 * num_sms, col_tiles), period) * period * 128)
     a_h, out_h, state_h = a[:head], out[:head], state[:head]
     saved = [(t, t.clone()) for t in ((out_h,) if state.data_ptr() == out.data_ptr() else (out_h, state_h))]
     tma_kernel = matmul_accumulate_tma_kernels[1]
@@ -481,7 +515,7 @@ def _fastest_grad_weight_kernel(a: Tensor, b: Tensor, state: Tensor, out: Tensor
             _launch_tma(tma_kernel, a_h, b, state_h, out_h, mode=mode, first=False, last=last, m_key=m_key,
                         k_key=k_key)
         else:
-            _launch_wgmma(a_h, b, state_h, out_h, mode=mode, first=False, last=last, cfg=candidate)
+            _launch_gluon(a_h, b, state_h, out_h, mode=mode, first=False, last=last, cfg=candidate)
 
     def restore():
         for t, copy in saved:
@@ -494,35 +528,45 @@ def _fastest_grad_weight_kernel(a: Tensor, b: Tensor, state: Tensor, out: Tensor
         restore()
         best = float("inf")
         for _ in range(3):
+            torch.cuda._sleep(_SLEEP_CYCLES)
             start.record()
-            launch(candidate)
+            for _ in range(_TIMED_LAUNCHES):             # (the state sums three times over: restored below)
+                launch(candidate)
             end.record()
             end.synchronize()
-            best = min(best, start.elapsed_time(end))
+            best = min(best, start.elapsed_time(end) / _TIMED_LAUNCHES)
             restore()
         times.append(best)
-    choice = candidates[times.index(min(times))]
-    names = ["TMA" if c is None else f"Gluon {c['constexprs']['STAGES']} stages" for c in candidates]
-    log.info("grad_weight accumulation [%d, %d] += [%d, %d] @ [%d, %d] (mode %d): %s (ms on its first %d rows: %s)",
-             M, N, M, a.shape[1], a.shape[1], N, mode, names[times.index(min(times))], head,
+    fastest = times.index(min(times))
+    names = ["TMA" if c is None else c["name"] for c in candidates]
+    log.info("grad_weight accumulation [%d, %d] += [%d, %d] @ [%d, %d] (mode %d): %s (ms per launch on its first "
+             "%d rows: %s)", M, N, M, a.shape[1], a.shape[1], N, mode, names[fastest], head,
              ", ".join(f"{n} {t:.3f}" for n, t in zip(names, times)))
-    return choice
+    return candidates[fastest]
 
 
-def _launch_wgmma(a: Tensor, b: Tensor, state: Tensor, out: Tensor, *, mode: int, first: bool, last: bool,
+def _launch_gluon(a: Tensor, b: Tensor, state: Tensor, out: Tensor, *, mode: int, first: bool, last: bool,
                   cfg: dict) -> None:
-    """One launch of matmul_accumulate_wgmma.py with config ``cfg`` (wgmma_configs()): out (+)= a @ b, a [M, K]
-    M-major (read as a.t(), row-major)."""
+    """One launch of the Gluon kernel of config ``cfg`` (_gluon_configs()): out (+)= a @ b, a [M, K] M-major (read
+    as a.t(), row-major); matmul_accumulate_wgmma.py, or matmul_accumulate_cooperative.py (MODE 1: state = lo)."""
     M, K = a.shape
     N = b.shape[1]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    a_t_desc = wgmma_descriptor(a.t(), [bk, bm])
-    b_desc = wgmma_descriptor(b, [bk, bn])
     num_sms = _num_sms(str(a.device))
     grid = (min(num_sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
+    if cfg["kernel"] == "cooperative":
+        assert mode == MODE_COMPENSATED
+        half = [bm, bn // 2]
+        cooperative_kernel[grid](cooperative_descriptor(a.t(), [bk, bm]), cooperative_descriptor(b, [bk, bn // 2]),
+                                 cooperative_descriptor(out, half), cooperative_descriptor(state, half), M, N, K,
+                                 FIRST=first, LAST=last, GROUP_M=_GROUP_M, NUM_SMS=num_sms, **cfg["constexprs"],
+                                 num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"])
+        return
+    a_t_desc = wgmma_descriptor(a.t(), [bk, bm])
+    b_desc = wgmma_descriptor(b, [bk, bn])
     wgmma_kernel[grid](a_t_desc, b_desc, state, state, out, M, N, K, state.stride(0), out.stride(0),
                        MODE=mode, FIRST=first, LAST=last, GROUP_M=_GROUP_M, NUM_SMS=num_sms, **cfg["constexprs"],
-                       num_warps=4, maxnreg=cfg["maxnreg"])
+                       num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"])
 
 
 def _launch_tma(kernel, a: Tensor, b: Tensor, state: Tensor, out: Tensor, *, mode: int, first: bool, last: bool,
@@ -588,7 +632,6 @@ COMPENSATED = "compensated"    # grad_weight (hi) + an int8 [V, D] residual (1 B
 RECOMPUTE = "recompute"        # not even COMPENSATED + a minimal chunk fits: lce_forward + lce_backward instead
 
 _MIN_FUSED_WORKSPACE = 64 * 2**20
-FUSED_WORKSPACE_FRACTION = 0.45   # of one [N, V] logits tensor: under half of plain torch.compile's, with a margin
 _FUSED_ROW_GRAIN = 8 if INTERPRET else 128   # chunk rows are a multiple of it (the last chunk ragged)
 _FP32_STATE_MIN_ROWS = 1024                  # "auto" takes the fp32 state only beside chunks of >= min(N, this) rows
 
@@ -601,10 +644,14 @@ class FusedPlan:
 
 
 def default_fused_workspace(n_tokens: int, num_classes: int, dtype: torch.dtype) -> int:
-    """max(64 MiB, 0.45 * N * V * itemsize): at most ~45% of one [N, V] logits tensor in the input dtype (what plain
-    torch.compile keeps), so that the op's memory above the gradients stays under half of plain torch.compile's."""
+    """max(64 MiB, f * N * V * itemsize), f = Settings.fused_workspace_fraction: a fraction of one [N, V] logits
+    tensor in the input dtype (what plain torch.compile keeps), so that with f < 0.5 the op's memory above the
+    gradients stays under half of plain torch.compile's."""
+    fraction = SETTINGS.fused_workspace_fraction
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fused_workspace_fraction must be in (0, 1], got {fraction!r}")
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return max(_MIN_FUSED_WORKSPACE, int(FUSED_WORKSPACE_FRACTION * n_tokens * num_classes * itemsize))
+    return max(_MIN_FUSED_WORKSPACE, int(fraction * n_tokens * num_classes * itemsize))
 
 
 def _chunk_grain() -> int:
