@@ -6,19 +6,22 @@
     (hi, lo) = matmul_accumulate.fold(acc, hi, lo)   # MODE 1, FIRST / LAST as there
 
 Why: the other kernels read the state (3 bytes per element of out) with plain loads after the tile's K loop, so
-the tensor cores idle while it arrives (matmul_accumulate_tma.py runs at ~65% of cuBLAS, bench/NOTES.md 8.10);
+the tensor cores idle while it arrives (matmul_accumulate_tma.py runs at ~65-75% of cuBLAS, bench/NOTES.md 8.10);
 the Gluon ping-pong (matmul_accumulate_wgmma.py) overlaps it but with 128 x 128 tiles re-reads its operands from
 L2 1.33x as often. Here one CTA tile of 128 x 256 is shared by two consumer warpgroups ("cooperative", the
 default partition of 8 warps, each warpgroup 64 rows), and:
 
-* one producer warp issues the operands' TMA loads into a ring of STAGES slots, and, once the ring holds this
-  tile's first STAGES steps, the TMA loads of the tile's state (hi and lo, two column halves) into shared memory:
-  they land while the consumers still run the tile's K loop;
+* an operand loader warp issues the operands' TMA loads into a ring of STAGES slots (_gluon_ring.py);
+* a state loader warp brings each tile's state (hi and lo, column half by column half) into STATE_BUFS
+  shared-memory buffers by TMA as soon as the consumers have stored what was there: with two buffers a tile's
+  state lands while the consumers still run its K loop; with one (for a deeper ring) the second half waits;
 * the consumers accumulate each column half in its own [BLOCK_M, BLOCK_N / 2] wgmma accumulator (two wgmma per
-  K step), so the epilogue folds one half while the other's registers are the only other live tile
-  (128 + 48 registers per thread, not 128 + 96);
+  K step), so the epilogue folds one half at a time (128 + 48 registers per thread, not 128 + 96);
 * the epilogue reads the state from shared memory, folds, writes the result back into the same buffers and
-  stores them by TMA (asynchronous), then frees the buffers for the next tile's state.
+  stores them by TMA (asynchronous), then frees the buffers for the next state.
+
+Measured (NOTES 8.12): as fast as matmul_accumulate_tma.py, not faster: the state's load latency is hidden, but
+the epilogue's own work (~4 us per tile) still idles the tensor cores, as both warpgroups fold together.
 
 TMA reads zeros past the tensors' ends and clips its stores there: no masks. Grid: (min(NUM_SMS, tiles),),
 persistent, tiles grouped as _grid.grouped_tile_of. GPU only (sm_90; Gluon has no interpreter): the host
@@ -38,6 +41,7 @@ except ImportError:   # (triton without Gluon's Hopper API)
     gluon = None
 
 from ._config import configs
+from ._gluon_ring import acquire_slot, ready_slot
 from ._grid import grouped_tile_of
 from .matmul_accumulate import fold
 
@@ -59,10 +63,7 @@ if gluon is not None:
         for tile_id in range(gl.program_id(0), num_tiles, NUM_SMS):
             pid_m, pid_n = grouped_tile_of(tile_id, M, N, BLOCK_M, 2 * HALF_N, GROUP_M)
             for ki in range(k_tiles):
-                slot = step % STAGES
-                # (empty barriers start "phase 1 complete": the first round does not wait)
-                mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
-                mbarrier.expect(ready.index(slot), step_bytes)
+                slot = acquire_slot(empty, ready, step, STAGES, step_bytes)
                 tma.async_copy_global_to_shared(a_t_desc, [ki * BLOCK_K, pid_m * BLOCK_M], ready.index(slot),
                                                 bufs_a.index(slot))
                 for h in gl.static_range(2):
@@ -136,8 +137,7 @@ if gluon is not None:
             acc1 = gl.zeros([BLOCK_M, HALF_N], gl.float32, layout)
             prev_slot = 0
             for ki in range(k_tiles):
-                slot = step % STAGES
-                mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+                slot = ready_slot(ready, step, STAGES)
                 a = bufs_a.index(slot).permute((1, 0))                   # [BLOCK_M, BLOCK_K], M-major
                 acc0 = warpgroup_mma(a, bufs_b.index(2 * slot), acc0, is_async=True)
                 acc1 = warpgroup_mma(a, bufs_b.index(2 * slot + 1), acc1, is_async=True)

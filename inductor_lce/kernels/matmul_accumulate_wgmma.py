@@ -19,10 +19,10 @@ for that kernel in triton 3.6 (NOTES 8.7). Here the roles are explicit ("ping-po
 Measured on the H100 (NOTES 8.8, 8.10): per chunk, against matmul_accumulate_tma.py, it wins where the chunk is
 short (K = 768 rows: 0.89 against 1.13 ms), ties at K = 2048 and loses at 8192 x 4096 x 128256 (K = 1408: 3.1
 against 2.7 ms): a 128 x 128 tile per consumer (what one warpgroup's registers hold) re-reads its operands from
-L2 V * D * K / 32 bytes per chunk, 1.33x the 128 x 256 Triton tile's. So the host times both (and each of its
-configs) on the first rows of the first accumulating launch per shape and keeps the faster
-(Settings.fused_grad_weight_kernel "auto"; "wgmma" forces it). That timing still includes host launch overhead
-and picks this kernel at 8192 x 4096 x 128256 too (NOTES 8.10).
+L2 V * D * K / 32 bytes per chunk, 1.33x the 128 x 256 Triton tile's. So the host times it (each of its
+configs) against the other grad_weight kernels on the first rows of the first accumulating launch per shape
+and keeps the fastest (Settings.fused_grad_weight_kernel "auto"; "wgmma" forces it): in session 5 it won
+in the op at 8192 x 4096 x 128256 and at the e2e shape (NOTES 8.13).
 
 Operands as in matmul_accumulate_tma.py: A through its transpose (the row-major [K, M] chunk, boxes [BLOCK_K,
 BLOCK_M], read by wgmma as an M-major [BLOCK_M, BLOCK_K] view), B row-major [K, N] (boxes [BLOCK_K, BLOCK_N]);
@@ -44,6 +44,7 @@ except ImportError:   # (triton without Gluon's Hopper API)
     gluon = None
 
 from ._config import configs
+from ._gluon_ring import acquire_slot, ready_slot
 from ._grid import grouped_tile_of
 from .matmul_accumulate import fold, load_state, store_state
 
@@ -63,10 +64,7 @@ if gluon is not None:
         for tile_id in range(gl.program_id(0), num_tiles, NUM_SMS):
             pid_m, pid_n = grouped_tile_of(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
             for ki in range(k_tiles):
-                slot = step % STAGES
-                # (empty barriers start "phase 1 complete": the first round does not wait)
-                mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
-                mbarrier.expect(ready.index(slot), nbytes)
+                slot = acquire_slot(empty, ready, step, STAGES, nbytes)
                 tma.async_copy_global_to_shared(a_t_desc, [ki * BLOCK_K, pid_m * BLOCK_M], ready.index(slot),
                                                 bufs_a.index(slot))
                 tma.async_copy_global_to_shared(b_desc, [ki * BLOCK_K, pid_n * BLOCK_N], ready.index(slot),
@@ -105,8 +103,7 @@ if gluon is not None:
             acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
             prev_slot = 0
             for ki in range(k_tiles):
-                slot = step % STAGES
-                mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+                slot = ready_slot(ready, step, STAGES)
                 a = bufs_a.index(slot).permute((1, 0))             # [BLOCK_M, BLOCK_K], M-major
                 acc = warpgroup_mma(a, bufs_b.index(slot), acc, is_async=True)
                 # at most one wgmma in flight: the previous step's buffers are free again

@@ -498,7 +498,7 @@ def _fastest_grad_weight_kernel(a: Tensor, b: Tensor, state: Tensor, out: Tensor
     """Times each candidate (None: matmul_accumulate_tma.py, else a Gluon config) on the first rows of this launch
     and returns the fastest. The head is a whole number (>= 4) of waves of 128 x 256 tiles (and so of the ping-pong
     kernel's pairs of 128 x 128 tiles): a last, partly filled wave would cost a kernel with larger tiles more than
-    it costs on the whole chunk (NOTES 8.12). A timing is 3 launches queued behind a GPU sleep, so the events see
+    it costs on the whole chunk (NOTES 8.13). A timing is 3 launches queued behind a GPU sleep, so the events see
     the kernels alone, not the host's launch overhead (through Triton's autotuner as long as the kernel on that
     head: NOTES 8.10); the best of 3 timings. The head's state (out and state rows) is restored after each, so
     the launch itself is still to do. One host sync per key."""
