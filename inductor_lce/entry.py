@@ -19,7 +19,7 @@ def options(*, low_precision_logits: bool = False, lean: bool = False) -> dict:
     ``lean=True`` always takes the recompute algorithm (four GEMMs, about 64 MB above the gradients);
     by default a site whose tokens all get the same incoming gradient (mean, sum, sum / num_items)
     takes the three-GEMM algorithm: a workspace of at most ~49% of one low-precision [N, V] logits tensor,
-    1.04-1.14x plain ``torch.compile``'s time on the H100 (README, "Choosing the algorithm").
+    1.04-1.18x plain ``torch.compile``'s time on the H100 (README, "Choosing the algorithm").
 
     ``low_precision_logits=True`` also rewrites a cross-entropy read straight off bf16/fp16
     logits (no ``.float()``, as nanoGPT writes it). The fused loss is computed in fp32 there:

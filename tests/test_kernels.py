@@ -545,13 +545,18 @@ def test_fused_plan():
         n_chunks = -(-N // plan.chunk_rows)
         assert n_chunks == -(-N // ((ws - state_bytes) // (stride * 2) // 128 * 128)), plan  # as few as fit
         assert (n_chunks - 1) * plan.chunk_rows < N
-        # fp32 when it and a chunk of >= min(N, 1024) rows fit
-        fp32_fits = V * D * 4 + min(N, 1024) * stride * 2 <= ws
-        assert (plan.state_mode == "fp32") == fp32_fits, plan
-    # the benchmark shapes: 8192 x 2304 x 256000 cannot keep an fp32 state in 40% of its logits, 16384 x 2048 x 32000
-    # can
+        # fp32 when it and a chunk of >= min(N, 1024) rows fit, unless the compensated state's larger chunks
+        # need fewer of them
+        fp32_rows = (ws - V * D * 4) // (stride * 2) // 128 * 128
+        comp_rows = (ws - V * D) // (stride * 2) // 128 * 128
+        fp32_wins = fp32_rows >= min(N, 1024) and -(-N // fp32_rows) <= -(-N // comp_rows)
+        assert (plan.state_mode == "fp32") == fp32_wins, plan
+    # the benchmark shapes: 8192 x 2304 x 256000 cannot keep an fp32 state in half its logits; 16384 x 2048 x 32000
+    # can (5 chunks), but the compensated state takes 3
     assert I.plan_fused(8192, 2304, 256000, bf16).state_mode == "compensated"
-    assert I.plan_fused(16384, 2048, 32000, bf16).state_mode == "fp32"
+    assert I.plan_fused(16384, 2048, 32000, bf16).state_mode == "compensated"
+    assert -(-16384 // I.plan_fused(16384, 2048, 32000, bf16).chunk_rows) == 3
+    assert I.plan_fused(16384, 2048, 32000, bf16, state="fp32").state_mode == "fp32"
     # one chunk when all rows fit; the state is forced; fp32 weights accumulate in grad_weight
     assert I.plan_fused(3000, 512, 20000, bf16, workspace=1 << 30) == I.FusedPlan(3000, "one_chunk", 3000 * 20224 * 2)
     p = I.plan_fused(3000, 512, 20000, bf16, workspace=100 * mib, state="compensated")
@@ -1113,7 +1118,8 @@ def test_cuda_fused_triton_op_under_compile(softcap, workspace):
 
 @cuda
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("plan,settings", [("compensated", {}), ("fp32", dict(fused_workspace_bytes=200 * _MIB))])
+@pytest.mark.parametrize("plan,settings", [("compensated", {}),
+                                           ("fp32", dict(fused_workspace_bytes=200 * _MIB, fused_state="fp32"))])
 def test_cuda_fused_memory_within_plan(plan, settings, bias):
     """A warm call allocates its outputs, the planned workspace (one logits chunk at a time + the state) and a few
     [V] / [N] vectors, nothing more. (The first call of a shape also autotunes: Triton's 256 MB L2-flush buffer

@@ -676,8 +676,10 @@ def plan_fused(n_tokens: int, dim: int, num_classes: int, dtype: torch.dtype, wo
 
     (a) all N rows fit in one chunk: ONE_CHUNK, no state;
     (b) fp32 weights: IN_OUTPUT (no state);
-    (c) 16-bit weights, state "auto": FP32_STATE when V * D * 4 plus a chunk of >= min(N, 1024) rows fits, else
-        (d) COMPENSATED (V * D bytes) with chunks of >= 128 rows; "fp32" / "compensated" force one (>= 128 rows);
+    (c) 16-bit weights, state "auto": FP32_STATE when V * D * 4 plus a chunk of >= min(N, 1024) rows fits and
+        COMPENSATED's larger chunks would not need fewer of them, else (d) COMPENSATED (V * D bytes) with chunks of
+        >= 128 rows (fewer chunks: fewer passes over the state, bench/NOTES.md 8.15); "fp32" / "compensated"
+        force one (>= 128 rows);
     (e) nothing fits: RECOMPUTE.
     Chunks: as many rows as fit beside the state, a multiple of 128, then evened out over the chunks needed.
     Traced (Inductor), each row also costs a [D] temporary (the out= grad_hidden matmul becomes mm + copy), and with
@@ -704,12 +706,15 @@ def plan_fused(n_tokens: int, dim: int, num_classes: int, dtype: torch.dtype, wo
         options = {"auto": [(FP32_STATE, 4 * elements, _FP32_STATE_MIN_ROWS), (COMPENSATED, elements, grain)],
                    "fp32": [(FP32_STATE, 4 * elements, grain)],
                    "compensated": [(COMPENSATED, elements, grain)]}[state]
+    plans = []
     for mode, state_bytes, min_rows in options:
         fit = max(0, workspace - state_bytes) // row_bytes      # < n: one chunk of all rows did not fit
         if fit >= max(grain, min(n, min_rows)):
             rows = fit // grain * grain
             rows = _cdiv(_cdiv(n, _cdiv(n, rows)), grain) * grain   # the same chunk count, chunks evened out
-            return FusedPlan(rows, mode, state_bytes + rows * row_bytes)
+            plans.append(FusedPlan(rows, mode, state_bytes + rows * row_bytes))
+    if plans:  # the first that fits, unless a later one (the smaller state) needs fewer chunks (state passes)
+        return min(plans, key=lambda p: _cdiv(n, p.chunk_rows))
     return FusedPlan(0, RECOMPUTE, plan_backward(n, dim, num_classes, dtype, traced=traced).workspace_bytes)
 
 
