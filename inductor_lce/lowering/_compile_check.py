@@ -69,4 +69,3 @@ def ptxas_report(kernel) -> dict:
     spills = re.findall(r"(\d+) bytes spill stores", err)
     return dict(registers=int(regs[0]) if regs else None, spill_bytes=int(spills[0]) if spills else None,
                 shared=kernel.metadata.shared, wgmma=kernel.asm["ptx"].count("wgmma.mma_async"))
-

@@ -474,7 +474,7 @@ def _grad_weight_kernel(a: Tensor, b: Tensor, state: Tensor, out: Tensor, *, mod
     """The Gluon config to run out (+)= a @ b with, or None for matmul_accumulate_tma.py (where TMA applies).
     "cooperative" / "wgmma": that kernel's first config where it applies; "auto": the fastest on this shape,
     timed once per key on the first launch that reads a state (a FIRST launch runs the TMA kernel until then):
-    no kernel wins everywhere (bench/NOTES.md 8.10, 8.12)."""
+    no kernel wins everywhere (bench/NOTES.md 8.10, 8.12, 8.13)."""
     configs = _gluon_configs(a, state, out, mode)
     if not configs:
         return None
