@@ -528,7 +528,8 @@ def compile_report():
 def sweep(shapes):
     """Kernel-level timings of the three-GEMM loop's pieces at each shape: one row chunk of the default plan,
     each variant of the grad_weight accumulation, x_chunks = time x chunk count (correctness:
-    tests/test_kernels.py). The recompute path's pieces show in --profile."""
+    tests/test_kernels.py); and the recompute backward's pieces on one V-slab of its plan (lean_*: x_chunks = time
+    x slabs). The whole ops' kernel breakdown: --profile."""
     import inductor_lce.lowering as L
     from inductor_lce.kernels._config import row_configs
     from inductor_lce.kernels.softmax_grad_rows import softmax_grad_rows_kernel_jit
@@ -623,17 +624,45 @@ def sweep(shapes):
         if I._cublas_fp32_accumulate_works(DEV):
             pieces.append(("grad_weight_mm_cublas_fp32_addmm",
                            lambda: torch.ops.aten.addmm.dtype_out(st32, gl_t, h_c, torch.float32, out=st32)))
+        # the recompute backward's pieces, one V-slab of its plan (lean_*; x_chunks = time x slabs)
+        lean = I.plan_backward(N, D, V, h.dtype)
+        slab_logits = torch.nn.functional.linear(h, w[:lean.slab])                 # [N, slab]
+        gh_all = torch.zeros(N, D, device=DEV, dtype=h.dtype)
+        gh_lo = torch.zeros(N, D, device=DEV, dtype=torch.int8)
+        n_slabs = -(-V // lean.slab)
+        rec(shape=[N, D, V], what="lean_plan", slab=lean.slab, slabs=n_slabs, mode=lean.mode)
+
+        def grad_hidden_slab(kernel, first=False):
+            def run():
+                saved, I.SETTINGS.grad_hidden_kernel = I.SETTINGS.grad_hidden_kernel, kernel
+                try:
+                    I._matmul_accumulate("grad_hidden", slab_logits, w[:lean.slab], gh_all, gh_lo,
+                                         mode=I.MODE_COMPENSATED, first=first, last=False, m_key=I._bucket(N),
+                                         k_key=I._bucket(lean.slab))
+                finally:
+                    I.SETTINGS.grad_hidden_kernel = saved
+            return run
+
+        lean_pieces = [("lean_logits_mm_cublas", lambda: torch.nn.functional.linear(h, w[:lean.slab])),
+                       ("lean_grad_weight_mm_cublas", lambda: torch.mm(slab_logits.t(), h, out=gw[:lean.slab])),
+                       ("lean_grad_hidden_mm_cublas_bf16_overwrite", lambda: torch.mm(slab_logits, w[:lean.slab],
+                                                                                      out=gh_all)),
+                       ("lean_grad_hidden_mm_triton_compensated", grad_hidden_slab("pointer")),
+                       ("lean_grad_hidden_mm_triton_tma_compensated", grad_hidden_slab("tma")),
+                       ("lean_grad_hidden_first_triton_tma_compensated", grad_hidden_slab("tma", True))]
         only = [w for w in os.environ.get("SWEEP_ONLY", "").split(",") if w]
-        for what, fn in pieces:
+        tf_slab = 2 * N * D * lean.slab / 1e12
+        for what, fn in pieces + lean_pieces:
             if only and not any(w in what for w in only):
                 continue
             with L._plain_launches():   # as the op launches them (no wrap_triton dispatch per launch)
                 t = try_time(fn)
-            rec(shape=[N, D, V], what=what, ms=t, x_chunks=_x(t, n_chunks),
-                tflops=round(tf / t * 1e3) if isinstance(t, float) and "_mm_" in what else None,
+            per_launch_tf, launches = (tf_slab, n_slabs) if what.startswith("lean_") else (tf, n_chunks)
+            rec(shape=[N, D, V], what=what, ms=t, x_chunks=_x(t, launches),
+                tflops=round(per_launch_tf / t * 1e3) if isinstance(t, float) and "_mm_" in what else None,
                 error=accumulate_error(fn) if hasattr(fn, "result") and isinstance(t, float) else None,
                 config=_tuned_config(what))
-        del logits, gl_t, gh, gw, st32, lo, h, w, y
+        del logits, gl_t, gh, gw, st32, lo, h, w, y, slab_logits, gh_all, gh_lo
         gc.collect()
         torch.cuda.empty_cache()
         json.dump(rows, open(os.path.join(out_dir(), "sweep.json"), "w"), indent=1)

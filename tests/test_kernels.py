@@ -86,8 +86,14 @@ CASES = {
                                        dict(workspace_bytes=4000, grad_logits="fused")),
     "row_groups_bias_lse": Case(37, 48, 83, "bfloat16", True, 0.2, True, -100,
                                 dict(workspace_bytes=3000, row_groups=2)),
-    # 25 slabs: plain bf16 accumulation of grad_hidden would be ~1e-2 off; the compensated state is not
-    "many_slabs_bf16": Case(24, 32, 800, "bfloat16", False, 0.1, False, -100, dict(workspace_bytes=1800)),
+    # 25 slabs (none in grad_weight's rows): plain bf16 accumulation of grad_hidden would be ~1e-2 off; the
+    # compensated state is not
+    "many_slabs_bf16": Case(24, 32, 800, "bfloat16", False, 0.1, False, -100,
+                            dict(workspace_bytes=1800, slabs_in_grad_weight=False)),
+    # the leading slabs' grad_logits in grad_weight's unwritten rows (6 slabs, 4 of them there), then the workspace
+    "slabs_in_grad_weight_bf16": Case(24, 32, 800, "bfloat16", False, 0.1, True, -100, dict(workspace_bytes=1800)),
+    "slabs_in_grad_weight_fp16_softcap": Case(40, 24, 517, "float16", False, 0.2, False, -100,
+                                              dict(workspace_bytes=3000), softcap=4.0, grad_sum="smooth"),
     # logit soft-cap (s = c * tanh(z / c)), grad_sum_logits (label smoothing), both
     "softcap_bf16_bias_lse": Case(37, 48, 83, "bfloat16", True, 0.2, True, -100, dict(workspace_bytes=4000),
                                   softcap=3.0),
@@ -98,7 +104,7 @@ CASES = {
     "softcap_fp16_ignore0": Case(29, 32, 61, "float16", False, 0.3, False, 0, dict(workspace_bytes=3000),
                                  softcap=4.0),
     "softcap_many_slabs_bf16": Case(24, 32, 800, "bfloat16", True, 0.1, False, -100, dict(workspace_bytes=1800),
-                                    softcap=3.0),
+                                    softcap=3.0),   # (with bias: every slab in the workspace)
     "grad_sum_bf16": Case(37, 48, 83, "bfloat16", False, 0.2, False, -100, dict(workspace_bytes=4000),
                           grad_sum="smooth"),
     "grad_sum_fp32_bias_lse": Case(19, 40, 70, "float32", True, 0.3, True, -100, dict(workspace_bytes=3000),
@@ -301,6 +307,40 @@ def _grad_weight_kernels_interpreted():
     return out
 
 
+def _grad_hidden_kernels_interpreted():
+    """{case: (outputs with grad_hidden by the TMA kernel, by the pointer kernel, rows of the K-major TMA launches,
+    slabs, M-major TMA launches)} of
+    the recompute ops: 25 aligned slabs, and a ragged V whose last slab's rows are not 16-byte aligned (that
+    launch falls back to the pointer kernel)."""
+    from inductor_lce.lowering import lce_triton
+
+    launches = []
+    orig = lce_triton._launch_tma
+
+    def counting(kernel, a, *args, **kwargs):
+        launches.append(a.shape[0] if a.stride(0) != 1 else 0)   # (rows of a K-major A, 0 for M-major)
+        return orig(kernel, a, *args, **kwargs)
+
+    out = {}
+    lce_triton._launch_tma = counting
+    try:
+        for name in ("many_slabs_bf16", "ragged_bf16_bias_lse_fp32state", "slabs_in_grad_weight_bf16"):
+            c = CASES[name]
+            launches.clear()
+            tma = run_ops(case_inputs(c), c.ignore_index, dict(c.settings, grad_hidden_kernel="tma"), c.softcap)
+            n_tma, n_m_major = sum(launches), launches.count(0)
+            pointer = run_ops(case_inputs(c), c.ignore_index, dict(c.settings, grad_hidden_kernel="pointer"),
+                              c.softcap)
+            plan = lce_triton.plan_backward(c.N, c.D, c.V, getattr(torch, c.dtype), workspace=c.settings[
+                "workspace_bytes"], state=c.settings.get("grad_hidden_state"))
+            slabs = lce_triton.backward_slabs(c.N, c.D, c.V, plan.slab, c.settings.get("slabs_in_grad_weight", True)
+                                              and not c.bias)
+            out[name] = (tma, pointer, n_tma, slabs, n_m_major)
+    finally:
+        lce_triton._launch_tma = orig
+    return out
+
+
 def _state_accumulation_interpreted():
     """{dtype: (result, exact sum, max |running sum|, plain dtype accumulation)} of 40 MODE 1 (compensated) launches
     of matmul_accumulate (out [37, 70] += a_i [37, 16] @ b_i [16, 70]) whose products change scale by 2^-6..2^6
@@ -345,6 +385,7 @@ def _worker(out_path):
         c = fused.case
         results[name] = run_fused(fused_case_inputs(fused), c.ignore_index, c.settings, c.softcap)
     results["__grad_weight_tma__"] = _grad_weight_kernels_interpreted()
+    results["__grad_hidden_tma__"] = _grad_hidden_kernels_interpreted()
     results["__state_accumulation__"] = _state_accumulation_interpreted()
     x = tanh_probe_inputs()
     y = torch.empty_like(x)
@@ -650,6 +691,22 @@ def test_interpreted_grad_weight_tma_matches_pointer_kernel(interpreted):
                             f"tma {state}")
 
 
+def test_interpreted_grad_hidden_tma_matches_pointer_kernel(interpreted):
+    """The recompute backward's grad_hidden by matmul_accumulate_tma.py with A K-major (the slab) against
+    matmul_accumulate.py: every slab whose rows are 16-byte aligned takes the TMA kernel over all N rows (in two
+    row spans where its launch is the first accumulating one of its key: _tuning_split), the ragged last slab the
+    pointer kernel; the results are bitwise equal and within check_outputs' bounds. grad_weight's launches are
+    cuBLAS (no M-major TMA launch)."""
+    for name, (tma, pointer, tma_rows, slabs, n_m_major) in interpreted["__grad_hidden_tma__"].items():
+        c = CASES[name]
+        aligned_slabs = sum((v1 - v0) * 2 % 16 == 0 for v0, v1, _ in slabs)   # (bf16 rows of 16-byte multiples)
+        assert len(slabs) > 2, (name, slabs)
+        assert tma_rows == c.N * aligned_slabs and n_m_major == 0, (name, tma_rows, slabs, n_m_major)
+        for a, b in zip(tma, pointer):
+            assert torch.equal(a, b), name
+        check_outputs(tma, case_inputs(c), c.ignore_index, f"tma {name}")
+
+
 def test_interpreted_compensated_state_accumulates_exactly(interpreted):
     """matmul_accumulate MODE 1 over 40 launches (bf16: the fp32 bits rounded to 24, hi:lo; fp16: hi + lo * unit):
     each launch rounds the running sum to 2^-16 relative, so the result is the exact sum rounded once to the dtype,
@@ -717,6 +774,34 @@ def test_backward_plan_fits_workspace():
         assert plan.slab % 32 == 0 and plan.slab >= 256
 
 
+def test_backward_slabs():
+    """The recompute backward's V-slabs: they cover the classes in order; a slab whose grad_logits live in
+    grad_weight (scratch) fits in the rows past it, which no earlier slab wrote, and is wider than the workspace's
+    slab; the others are the workspace's width. Slab counts at the benchmark shapes."""
+    import inductor_lce.lowering as L
+
+    if not L.AVAILABLE:
+        pytest.skip(f"triton lowering unavailable: {L.UNAVAILABLE_REASON}")
+    grain = L._impl._SLAB_GRAIN
+    for N, D, V in [(8192, 2304, 256000), (8192, 4096, 128256), (16384, 2048, 32000), (4096, 2048, 128256),
+                    (37, 48, 83), (24, 32, 800), (5, 4096, 50257), (100000, 64, 1000)]:
+        plan = L._impl.plan_backward(N, D, V, torch.bfloat16)
+        for in_grad_weight in (True, False):
+            slabs = L._impl.backward_slabs(N, D, V, plan.slab, in_grad_weight)
+            assert slabs[0][0] == 0 and slabs[-1][1] == V and all(a[1] == b[0] for a, b in zip(slabs, slabs[1:]))
+            for v0, v1, scratch in slabs:
+                assert v0 < v1 <= V and (not scratch or in_grad_weight)
+                if scratch:
+                    assert N * (v1 - v0) <= (V - v1) * D and (v1 - v0) % grain == 0 and v1 - v0 > plan.slab
+                else:
+                    assert v1 - v0 == min(plan.slab, V - v0)
+            if not in_grad_weight:
+                assert len(slabs) == -(-V // plan.slab)
+        counts = [len(L._impl.backward_slabs(N, D, V, plan.slab, True)), -(-V // plan.slab)]
+        if (N, D, V) == (8192, 4096, 128256) and grain == 128:
+            assert counts == [11, 72], counts
+
+
 def _sm90_builds():
     """(kernel module, constexprs, config or None, is a GEMM (must use wgmma), pointer types). Soft-capped builds get
     ``softcap`` as an fp64 scalar, what Inductor passes for a Python float (the eager launcher passes fp32): their
@@ -762,13 +847,16 @@ def _sm90_builds():
 
     for c in configs("grad_weight_tma"):  # persistent TMA variant: descriptors typed with the config's boxes
         kw = blk(c)
-        descs = {"a_t_desc": f"tensordesc<bf16[{kw['BLOCK_K']},{kw['BLOCK_M']}]>",
-                 "b_desc": f"tensordesc<bf16[{kw['BLOCK_K']},{kw['BLOCK_N']}]>"}
-        for mode, state in ((1, i8), (0, f32)):
-            if c not in fitting_configs(configs("grad_weight_tma"), {}, MODE=mode):   # (pruned in that mode)
-                continue
-            builds.append(("matmul_accumulate_tma", dict(MODE=mode, FIRST=False, LAST=False, GROUP_M=8, NUM_SMS=132,
-                                                         **common, **kw), c, True, dict(state, **descs)))
+        for k_major in (False, True):   # A^T [K, M] boxes (grad_weight) or A [M, K] boxes (grad_hidden)
+            a_box = (kw["BLOCK_M"], kw["BLOCK_K"]) if k_major else (kw["BLOCK_K"], kw["BLOCK_M"])
+            descs = {"a_desc": "tensordesc<bf16[{},{}]>".format(*a_box),
+                     "b_desc": f"tensordesc<bf16[{kw['BLOCK_K']},{kw['BLOCK_N']}]>"}
+            for mode, state in ((1, i8), (0, f32)):
+                if c not in fitting_configs(configs("grad_weight_tma"), {}, MODE=mode):   # (pruned in that mode)
+                    continue
+                builds.append(("matmul_accumulate_tma", dict(MODE=mode, FIRST=False, LAST=False, GROUP_M=8,
+                                                             NUM_SMS=132, A_K_MAJOR=k_major, **common, **kw),
+                               c, True, dict(state, **descs)))
     for c in row_configs("softmax_grad_rows"):
         for cap in (plain, capped):
             builds.append(("softmax_grad_rows", dict(EMULATE_ROUNDING=False, **cap, **blk(c)), c, False, {}))

@@ -1,12 +1,14 @@
 """out[M, N] (+)= A[M, K] @ B[K, N] through a running state: the persistent, TMA-fed form of matmul_accumulate.py
-for the fused op's grad_weight (A = the grad_logits chunk transposed, M = V, K = chunk rows, N = D).
+for its two users: the fused op's grad_weight (A = the grad_logits chunk transposed, M = V, K = chunk rows, N = D)
+and the recompute backward's grad_hidden (A = the grad_logits slab, M = N tokens, K = slab classes, N = D).
 
     acc[m, n] = sum_k A[m, k] * B[k, n]          # [BLOCK_M, BLOCK_N] tile by tl.dot, fp32
     then matmul_accumulate.py's epilogue: MODE 0 (fp32 state) / MODE 1 (compensated hi + int8 lo), FIRST / LAST
 
 What differs from matmul_accumulate.py:
-* operands through host-side TMA descriptors: A as the row-major [K, M] tensor it is the transpose of (the logits
-  chunk [c, V]), boxes [BLOCK_K, BLOCK_M] transposed in shared memory for tl.dot, and B [K, N] row-major, boxes
+* operands through host-side TMA descriptors: A either as the row-major [K, M] tensor it is the transpose of
+  (grad_weight: the logits chunk [c, V]), boxes [BLOCK_K, BLOCK_M] transposed in shared memory for tl.dot, or
+  (A_K_MAJOR, grad_hidden) as itself, row-major [M, K], boxes [BLOCK_M, BLOCK_K]; B [K, N] row-major, boxes
   [BLOCK_K, BLOCK_N]; the boxes past the tensor's end read zeros (no masks);
 * persistent: NUM_SMS programs walk the tile numbers pid, pid + NUM_SMS, ... (grouped like _grid.grouped_tile), and
   the tile x K loop is flattened, so the pipeliner issues the next tile's loads while this tile's epilogue reads
@@ -27,14 +29,14 @@ from .matmul_accumulate import fold_tile
 
 @triton.jit
 def matmul_accumulate_tma_kernel_jit(
-    a_t_desc, b_desc,                                  # A^T [K, M] and B [K, N], row-major, TMA descriptors
+    a_desc, b_desc,                                    # A^T [K, M] (A [M, K] if A_K_MAJOR), B [K, N]: row-major, TMA
     state_ptr, lo_ptr, out_ptr,                        # MODE 0: fp32 [M, N]; MODE 1: int8 [M, N] (out's strides); out
     M, N, K, m_bucket, k_bucket,                       # (m_bucket, k_bucket: autotuning keys only)
     stride_state, stride_out,
     MODE: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EPILOGUE_SPLIT: tl.constexpr, NUM_SMS: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr, NUM_SMS: tl.constexpr, A_K_MAJOR: tl.constexpr,
 ):
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -45,7 +47,10 @@ def matmul_accumulate_tma_kernel_jit(
         col0 = pid_n * BLOCK_N
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for ki in range(k_tiles):
-            a = a_t_desc.load([ki * BLOCK_K, row0]).T                     # [BLOCK_M, BLOCK_K]
+            if A_K_MAJOR:
+                a = a_desc.load([row0, ki * BLOCK_K])                     # [BLOCK_M, BLOCK_K]
+            else:
+                a = a_desc.load([ki * BLOCK_K, row0]).T                   # [BLOCK_M, BLOCK_K]
             b = b_desc.load([ki * BLOCK_K, col0])                         # [BLOCK_K, BLOCK_N]
             if DOT_FP32:
                 a = a.to(tl.float32)
@@ -57,8 +62,9 @@ def matmul_accumulate_tma_kernel_jit(
 
 
 def _set_boxes(nargs):
-    """Config pre-hook: the descriptors' box shapes follow the config's tile."""
-    nargs["a_t_desc"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_M"]]
+    """Config pre-hook: the descriptors' box shapes follow the config's tile (and A's orientation)."""
+    a_box = [nargs["BLOCK_M"], nargs["BLOCK_K"]] if nargs["A_K_MAJOR"] else [nargs["BLOCK_K"], nargs["BLOCK_M"]]
+    nargs["a_desc"].block_shape = a_box
     nargs["b_desc"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_N"]]
 
 
@@ -81,7 +87,7 @@ def fitting_configs(configs: list, named_args: dict, **kwargs) -> list:
 
 def _autotuned(first: bool):
     # restore_value as in matmul_accumulate.py: a FIRST launch reads no state, so its tuner saves no copy
-    return triton.autotune(configs=_tma_configs(), key=["N", "m_bucket", "k_bucket"],
+    return triton.autotune(configs=_tma_configs(), key=["N", "m_bucket", "k_bucket", "A_K_MAJOR"],
                            prune_configs_by=dict(early_config_prune=fitting_configs),
                            restore_value=None if first else ["state_ptr", "lo_ptr", "out_ptr"])(
         matmul_accumulate_tma_kernel_jit)

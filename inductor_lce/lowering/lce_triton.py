@@ -104,6 +104,12 @@ class Settings:
     # kernel's first config, sm_90, where TMA applies (cooperative: compensated state only); else as "tma").
     # bench/NOTES.md 8.8, 8.10, 8.12
     fused_grad_weight_kernel: str = os.environ.get("INDUCTOR_LCE_FUSED_GRAD_WEIGHT_KERNEL", "auto")
+    # recompute backward: the leading V-slabs keep their grad_logits in the rows of grad_weight that later slabs
+    # write (wider slabs, fewer passes over the grad_hidden state; backward_slabs). bench/NOTES.md 8.17
+    slabs_in_grad_weight: bool = os.environ.get("INDUCTOR_LCE_SLABS_IN_GRAD_WEIGHT", "1") == "1"
+    # the recompute backward's grad_hidden accumulation per V-slab: "tma" (matmul_accumulate_tma.py where TMA
+    # applies, else "pointer") | "pointer" (matmul_accumulate.py). bench/NOTES.md 8.16
+    grad_hidden_kernel: str = os.environ.get("INDUCTOR_LCE_GRAD_HIDDEN_KERNEL", "tma")
 
 
 SETTINGS = Settings()
@@ -213,6 +219,22 @@ def plan_backward(n_tokens: int, dim: int, num_classes: int, dtype: torch.dtype,
     slab = (max(0, workspace - state_bytes) // per_class) // _SLAB_GRAIN * _SLAB_GRAIN
     slab = min(max(_SLAB_GRAIN, slab), _cdiv(num_classes, _SLAB_GRAIN) * _SLAB_GRAIN)
     return BackwardPlan(mode, in_output, slab, rows, state_bytes + slab * per_class)
+
+
+def backward_slabs(n_tokens: int, dim: int, num_classes: int, slab: int, in_grad_weight: bool) -> list:
+    """The recompute backward's V-slabs, in class order: (v0, v1, scratch) with scratch True where the slab's
+    [N, v1 - v0] grad_logits live in grad_weight's rows past v1 (not written yet: a slab writes grad_weight[v0:v1]
+    only), else in the workspace's [N, slab] buffer. While those rows can hold it (N * width <= (V - v0 - width)
+    * D, i.e. width <= (V - v0) * D / (N + D)) a slab is that wide (a multiple of the grain) if that beats
+    ``slab``: at 8192 x 4096 x 128256, 13 slabs instead of 72."""
+    slabs, v0 = [], 0
+    while v0 < num_classes:
+        width = (num_classes - v0) * dim // (n_tokens + dim) // _SLAB_GRAIN * _SLAB_GRAIN if in_grad_weight else 0
+        scratch = width > slab
+        width = width if scratch else slab
+        slabs.append((v0, min(v0 + width, num_classes), scratch))
+        v0 += width
+    return slabs
 
 
 def _is_traced(t: Tensor) -> bool:
@@ -328,10 +350,13 @@ def lce_backward_impl(grad_loss: Tensor, grad_lse: Optional[Tensor], grad_sum_lo
     groups = 1 if isinstance(n_tokens, torch.SymInt) else max(1, SETTINGS.row_groups)
     plan = plan_backward(_hint(n_tokens), dim, num_classes, hidden.dtype, row_groups=groups,
                          traced=_is_traced(hidden))
-    starts = list(range(0, num_classes, plan.slab))
+    traced = _is_traced(hidden)
+    # (scratch in grad_weight: one row group, eager, no bias (F.linear's bias epilogue has no out= form))
+    slabs = backward_slabs(_hint(n_tokens), dim, num_classes, plan.slab, SETTINGS.slabs_in_grad_weight and
+                           groups == 1 and not traced and bias is None)
     row_starts = list(range(0, n_tokens, plan.rows)) if groups > 1 else [0]
     mode = plan.mode
-    if len(starts) == 1:  # one slab: grad_hidden is written once, no running state
+    if len(slabs) == 1:  # one slab: grad_hidden is written once, no running state
         mode, state = MODE_FP32, None
     elif mode == MODE_FP32:
         state = None if plan.state_in_output else hidden.new_empty((plan.rows, dim), dtype=torch.float32)
@@ -346,10 +371,11 @@ def lce_backward_impl(grad_loss: Tensor, grad_lse: Optional[Tensor], grad_sum_lo
         state_g = gh_g if state is None else (state[: r1 - r0] if groups > 1 else state)
         args_g = [t if t is None or groups == 1 else t[rows]
                   for t in (target, lse, grad_loss, grad_lse, grad_sum_logits)]
-        for i, v0 in enumerate(starts):
-            v1 = min(v0 + plan.slab, num_classes)
+        for i, (v0, v1, scratch) in enumerate(slabs):
+            out = grad_weight.view(-1)[v1 * dim: v1 * dim + n_rows * (v1 - v0)].view(n_rows, v1 - v0) \
+                if scratch else None
             grad_logits = _grad_logits_slab(h_g, weight, bias, *args_g, grad_bias_acc, v0, v1, n_rows, ignore_index,
-                                            softcap)
+                                            softcap, out=out)
             # grad_weight[slab]: one matmul over the tokens, written straight into the output (exact when
             # there is one row group; otherwise each further group adds one bf16 rounding)
             if r0 == 0:
@@ -359,8 +385,8 @@ def lce_backward_impl(grad_loss: Tensor, grad_lse: Optional[Tensor], grad_sum_lo
 
             # grad_hidden += grad_logits @ weight[slab], through the fp32 or compensated state
             _matmul_accumulate("grad_hidden", grad_logits, weight[v0:v1], gh_g, state_g, mode=mode, first=i == 0,
-                               last=i == len(starts) - 1, m_key=_bucket(n_rows), k_key=_bucket(plan.slab),
-                               traced=_is_traced(hidden))
+                               last=i == len(slabs) - 1, m_key=_bucket(n_rows), k_key=_bucket(plan.slab),
+                               traced=traced)
             del grad_logits  # before the next slab is allocated: one slab alive at a time
     grad_bias = weight.new_empty((0,)) if bias is None else grad_bias_acc.to(bias.dtype)
     return grad_hidden, grad_weight, grad_bias
@@ -389,8 +415,8 @@ def _matmul_accumulate(use: str, a: Tensor, b: Tensor, out: Tensor, state: Tenso
     ``a_padded``: a's storage holds rows up to a multiple of the largest BLOCK_M (unmasked loads).
     A FIRST launch reads no state: its tuner saves nothing (replays write the same values). The others do: the
     first of them per key runs on its first rows alone (about two waves of the largest tile), see _tuning_split."""
-    tma = use == "grad_weight" and _tma_applies(a, b, traced)
-    gluon = tma and _grad_weight_kernel(a, b, state, out, mode=mode, first=first, last=last, m_key=m_key,
+    tma = _tma_applies(use, a, b, traced)
+    gluon = tma and use == "grad_weight" and _grad_weight_kernel(a, b, state, out, mode=mode, first=first, last=last, m_key=m_key,
                                         k_key=k_key)
     if gluon:
         _launch_gluon(a, b, state, out, mode=mode, first=first, last=last, cfg=gluon)
@@ -427,20 +453,24 @@ def _matmul_accumulate(use: str, a: Tensor, b: Tensor, out: Tensor, state: Tenso
         )
 
 
-_GRAD_WEIGHT_KERNELS = ("auto", "cooperative", "wgmma", "tma", "pointer")
+_KERNELS = {"grad_weight": ("fused_grad_weight_kernel", ("auto", "cooperative", "wgmma", "tma", "pointer")),
+            "grad_hidden": ("grad_hidden_kernel", ("tma", "pointer"))}
 
 
-def _tma_applies(a: Tensor, b: Tensor, traced: bool) -> bool:
-    """Whether matmul_accumulate_tma.py can run out += a @ b: eager (Inductor's tracing of descriptor arguments is
-    not relied on), sm_90+ or the interpreter, a M-major and b row-major with 16-byte aligned rows and bases."""
-    if SETTINGS.fused_grad_weight_kernel not in _GRAD_WEIGHT_KERNELS:
-        raise ValueError(f"fused_grad_weight_kernel must be one of {', '.join(_GRAD_WEIGHT_KERNELS)}, got "
-                         f"{SETTINGS.fused_grad_weight_kernel!r}")
-    if SETTINGS.fused_grad_weight_kernel == "pointer" or traced or TensorDescriptor is None:
+def _tma_applies(use: str, a: Tensor, b: Tensor, traced: bool) -> bool:
+    """Whether matmul_accumulate_tma.py runs out += a @ b for ``use`` under its setting: eager (Inductor's tracing
+    of descriptor arguments is not relied on), sm_90+ or the interpreter, a M-major (grad_weight: the chunk
+    transposed) or K-major (grad_hidden: the slab), b row-major, 16-byte aligned rows and bases."""
+    name, allowed = _KERNELS[use]
+    setting = getattr(SETTINGS, name)
+    if setting not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {setting!r}")
+    if setting == "pointer" or traced or TensorDescriptor is None:
         return False
     if not INTERPRET and (a.device.type != "cuda" or _capability(str(a.device))[0] < 9):
         return False
-    return a.stride(0) == 1 and b.stride(1) == 1 and _tma_aligned((a, 1), (b, 0))
+    a_rows = (a, 1) if a.stride(0) == 1 else (a, 0) if a.stride(1) == 1 else None
+    return a_rows is not None and b.stride(1) == 1 and _tma_aligned(a_rows, (b, 0))
 
 
 def _tma_aligned(*tensor_dims) -> bool:
@@ -571,32 +601,39 @@ def _launch_gluon(a: Tensor, b: Tensor, state: Tensor, out: Tensor, *, mode: int
 
 def _launch_tma(kernel, a: Tensor, b: Tensor, state: Tensor, out: Tensor, *, mode: int, first: bool, last: bool,
                 m_key: int, k_key: int) -> None:
-    """One launch of matmul_accumulate_tma.py: out (+)= a @ b, a [M, K] M-major (read as a.t(), row-major)."""
+    """One launch of matmul_accumulate_tma.py: out (+)= a @ b, a [M, K] M-major (read as a.t(), row-major) or
+    K-major (row-major itself)."""
     M, K = a.shape
     N = b.shape[1]
     num_sms = _num_sms(str(a.device))
-    a_t_desc = TensorDescriptor.from_tensor(a.t(), [16, 16])   # boxes set per config (its pre-hook)
+    k_major = a.stride(0) != 1
+    a_desc = TensorDescriptor.from_tensor(a if k_major else a.t(), [16, 16])   # boxes set per config (its pre-hook)
     b_desc = TensorDescriptor.from_tensor(b, [16, 16])
 
     def grid(meta):
         return (min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
 
-    kernel[grid](a_t_desc, b_desc, state, state, out, M, N, K, m_key, k_key, state.stride(0), out.stride(0),
+    kernel[grid](a_desc, b_desc, state, state, out, M, N, K, m_key, k_key, state.stride(0), out.stride(0),
                  MODE=mode, FIRST=first, LAST=last, DOT_FP32=DOT_FP32, DOT_PRECISION=_dot_precision(b.dtype),
-                 GROUP_M=_GROUP_M, NUM_SMS=num_sms)
+                 GROUP_M=_GROUP_M, NUM_SMS=num_sms, A_K_MAJOR=k_major)
 
 
 def _grad_logits_slab(hidden, weight, bias, target, lse, grad_loss, grad_lse, grad_sum_logits, grad_bias_acc,
-                      v0, v1, n_tokens, ignore_index, softcap):
+                      v0, v1, n_tokens, ignore_index, softcap, out=None):
     """[n_tokens, v1 - v0] grad_logits (d loss / d logits, after the soft-cap's chain rule) of classes [v0, v1)
-    in the input dtype, and their grad_bias sums."""
+    in the input dtype (into ``out``, a contiguous buffer of that shape, where given; then without bias), and
+    their grad_bias sums."""
     flags = dict(HAS_BIAS=bias is not None, HAS_GRAD_LSE=grad_lse is not None,
                  HAS_GRAD_SUM=grad_sum_logits is not None, HAS_SOFTCAP=softcap > 0)
     dim = hidden.shape[1]
     width = v1 - v0
     if SETTINGS.grad_logits == "cublas":
         # logits by cuBLAS (F.linear: input-dtype output, like the reference), turned into grad_logits in place
-        grad_logits = torch.nn.functional.linear(hidden, weight[v0:v1], None if bias is None else bias[v0:v1])
+        if out is None:
+            grad_logits = torch.nn.functional.linear(hidden, weight[v0:v1], None if bias is None else bias[v0:v1])
+        else:   # (F.linear without bias: the same mm)
+            assert bias is None
+            grad_logits = torch.mm(hidden, weight[v0:v1].t(), out=out)
 
         def grid_e(meta):
             return (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]))
@@ -607,7 +644,7 @@ def _grad_logits_slab(hidden, weight, bias, target, lse, grad_loss, grad_lse, gr
             **flags, EMULATE_ROUNDING=DOT_FP32,
         )
         return grad_logits
-    grad_logits = hidden.new_empty((n_tokens, width))
+    grad_logits = hidden.new_empty((n_tokens, width)) if out is None else out
 
     def grid_l(meta):
         return (triton.cdiv(n_tokens, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),)
