@@ -278,6 +278,12 @@ def log_gaps(p, top=8):
     span = (end - kernels[0][0]) / 1e3
     log(f"  GPU span {span:.2f} ms, idle between kernels {sum(g[0] for g in gaps):.2f} ms in {len(gaps)} gaps")
     host = events_on(p, "CPU")
+    if host:   # before the first kernel: the GPU idles while the host enters the step
+        t0 = min(e.time_range.start for e in host)
+        lead = [(e.time_range.end - e.time_range.start, e.name) for e in host
+                if e.time_range.start < kernels[0][0] and e.time_range.end - e.time_range.start >= 500]
+        log(f"  first kernel {(kernels[0][0] - t0) / 1e3:.2f} ms after the step's first host op; host ops of >= 0.5 "
+            "ms before it: " + ", ".join(f"{name[:40]} {dur / 1e3:.2f}" for dur, name in sorted(lead)[-6:]))
     for rank, (ms, before, after, g0, g1) in enumerate(sorted(gaps, reverse=True)[:top]):
         log(f"    gap {ms:6.3f} ms  after {before[:50]}  before {after[:50]}")
         if rank < 3:  # what the host did meanwhile: its ops of >= 20 us that started in the gap
