@@ -226,7 +226,7 @@ def backward_slabs(n_tokens: int, dim: int, num_classes: int, slab: int, in_grad
     [N, v1 - v0] grad_logits live in grad_weight's rows past v1 (not written yet: a slab writes grad_weight[v0:v1]
     only), else in the workspace's [N, slab] buffer. While those rows can hold it (N * width <= (V - v0 - width)
     * D, i.e. width <= (V - v0) * D / (N + D)) a slab is that wide (a multiple of the grain) if that beats
-    ``slab``: at 8192 x 4096 x 128256, 13 slabs instead of 72."""
+    ``slab``: at 8192 x 4096 x 128256, 11 slabs instead of 72."""
     slabs, v0 = [], 0
     while v0 < num_classes:
         width = (num_classes - v0) * dim // (n_tokens + dim) // _SLAB_GRAIN * _SLAB_GRAIN if in_grad_weight else 0
@@ -348,9 +348,8 @@ def lce_backward_impl(grad_loss: Tensor, grad_lse: Optional[Tensor], grad_sum_lo
         return grad_hidden, grad_weight, grad_bias_acc.to(weight.dtype if bias is None else bias.dtype)
 
     groups = 1 if isinstance(n_tokens, torch.SymInt) else max(1, SETTINGS.row_groups)
-    plan = plan_backward(_hint(n_tokens), dim, num_classes, hidden.dtype, row_groups=groups,
-                         traced=_is_traced(hidden))
     traced = _is_traced(hidden)
+    plan = plan_backward(_hint(n_tokens), dim, num_classes, hidden.dtype, row_groups=groups, traced=traced)
     # (scratch in grad_weight: one row group, eager, no bias (F.linear's bias epilogue has no out= form))
     slabs = backward_slabs(_hint(n_tokens), dim, num_classes, plan.slab, SETTINGS.slabs_in_grad_weight and
                            groups == 1 and not traced and bias is None)
@@ -411,13 +410,15 @@ def _matmul_accumulate(use: str, a: Tensor, b: Tensor, out: Tensor, state: Tenso
                        last: bool, m_key: int, k_key: int, a_padded: bool = False, traced: bool = False) -> None:
     """out (+)= a @ b through the running ``state`` (matmul_accumulate.py): a [M, K], b [K, N], any strides;
     state: fp32 [M, N] (MODE_FP32; may be out itself) or int8 [M, N] with out's strides (MODE_COMPENSATED).
-    ``use`` picks the config table; m_key / k_key are the autotuning keys, the same for every launch of a loop.
+    ``use`` ("grad_hidden" / "grad_weight") picks the kernel setting (_KERNELS) and the pointer kernel's config
+    table (both uses share the TMA kernel's); m_key / k_key are the autotuning keys, the same for every launch of
+    a loop.
     ``a_padded``: a's storage holds rows up to a multiple of the largest BLOCK_M (unmasked loads).
     A FIRST launch reads no state: its tuner saves nothing (replays write the same values). The others do: the
     first of them per key runs on its first rows alone (about two waves of the largest tile), see _tuning_split."""
     tma = _tma_applies(use, a, b, traced)
-    gluon = tma and use == "grad_weight" and _grad_weight_kernel(a, b, state, out, mode=mode, first=first, last=last, m_key=m_key,
-                                        k_key=k_key)
+    gluon = tma and use == "grad_weight" and _grad_weight_kernel(a, b, state, out, mode=mode, first=first,
+                                                                 last=last, m_key=m_key, k_key=k_key)
     if gluon:
         _launch_gluon(a, b, state, out, mode=mode, first=first, last=last, cfg=gluon)
         return
