@@ -14,8 +14,8 @@
 and the ``@triton.jit`` helpers they share: ``_config.py`` (autotuning configs, constants, the interpreter's
 flags and patches, applied when a kernel module is imported), ``_grid.py`` (tile order), ``_rounding.py``
 (explicit bf16/fp16 rounding), ``_softmax.py`` (scores, online lse, softmax gradient), ``_tanh.py`` (the
-soft-cap's tanh), ``_logits_tile.py`` (one tile of logits by tl.dot), and the Gluon kernels' ``_gluon_ring.py``
-(their operand ring's barrier protocol).
+soft-cap's tanh), ``_logits_tile.py`` (one tile of logits by tl.dot), and the Gluon kernels' ``_gluon.py``
+(their operand ring's barrier protocol, their TMA descriptors).
 
 Kernels import only each other and Triton: nothing from the graph pass, the ops or the lowering. Importing this
 package imports no kernel.

@@ -11,7 +11,7 @@ the Gluon ping-pong (matmul_accumulate_wgmma.py) overlaps it but with 128 x 128 
 L2 1.33x as often. Here one CTA tile of 128 x 256 is shared by two consumer warpgroups ("cooperative", the
 default partition of 8 warps, each warpgroup 64 rows), and:
 
-* an operand loader warp issues the operands' TMA loads into a ring of STAGES slots (_gluon_ring.py);
+* an operand loader warp issues the operands' TMA loads into a ring of STAGES slots (_gluon.py);
 * a state loader warp brings each tile's state (hi and lo, column half by column half) into STATE_BUFS
   shared-memory buffers by TMA as soon as the consumers have stored what was there: with two buffers a tile's
   state lands while the consumers still run its K loop; with one (for a deeper ring) the second half waits;
@@ -36,12 +36,11 @@ try:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:   # (triton without Gluon's Hopper API)
     gluon = None
 
 from ._config import configs
-from ._gluon_ring import acquire_slot, ready_slot
+from ._gluon import acquire_slot, ready_slot
 from ._grid import grouped_tile_of
 from .matmul_accumulate import fold
 
@@ -212,12 +211,6 @@ def cooperative_configs() -> tuple:
                         BLOCK_M=kw["BLOCK_M"], BLOCK_N=kw["BLOCK_N"], BLOCK_K=kw["BLOCK_K"], maxnreg=cfg.maxnreg,
                         num_warps=cfg.num_warps, constexprs=dict(STAGES=kw["STAGES"], STATE_BUFS=kw["STATE_BUFS"])))
     return tuple(out)
-
-
-def cooperative_descriptor(t, block: list):
-    """A Gluon TMA descriptor of a row-major 2-D bf16 / fp16 / int8 tensor with [block] boxes, default swizzle."""
-    dtype = {"torch.bfloat16": gl.bfloat16, "torch.float16": gl.float16, "torch.int8": gl.int8}[str(t.dtype)]
-    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
 
 cooperative_kernel = matmul_accumulate_cooperative_kernel_jit if gluon is not None else None

@@ -39,12 +39,11 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:   # (triton without Gluon's Hopper API)
     gluon = None
 
 from ._config import configs
-from ._gluon_ring import acquire_slot, ready_slot
+from ._gluon import acquire_slot, ready_slot
 from ._grid import grouped_tile_of
 from .matmul_accumulate import fold, load_state, store_state
 
@@ -176,12 +175,6 @@ def wgmma_configs() -> tuple:
                         BLOCK_N=kw["BLOCK_N"], BLOCK_K=kw["BLOCK_K"], maxnreg=cfg.maxnreg, num_warps=cfg.num_warps,
                         constexprs=kw))
     return tuple(out)
-
-
-def wgmma_descriptor(t, block: list):
-    """A Gluon TMA descriptor of a row-major 16-bit 2-D tensor with [block] boxes in the default swizzle."""
-    dtype = gl.bfloat16 if str(t.dtype) == "torch.bfloat16" else gl.float16
-    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
 
 wgmma_kernel = matmul_accumulate_wgmma_kernel_jit if gluon is not None else None

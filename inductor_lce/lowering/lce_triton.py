@@ -55,14 +55,15 @@ except ImportError:  # pragma: no cover - older Triton: the pointer kernel every
     TensorDescriptor = None
 
 from ..kernels._config import DOT_FP32, INTERPRET, LN2
+from ..kernels._gluon import descriptor as gluon_descriptor
 from ..kernels.grad_logits import grad_logits_kernel
 from ..kernels.grad_logits_inplace import grad_logits_inplace_kernel
 from ..kernels.lse_forward import lse_forward_kernel
 from ..kernels.lse_update import lse_update_kernel
 from ..kernels.matmul_accumulate import matmul_accumulate_kernels
 from ..kernels.matmul_accumulate_tma import matmul_accumulate_tma_kernels
-from ..kernels.matmul_accumulate_cooperative import cooperative_configs, cooperative_descriptor, cooperative_kernel
-from ..kernels.matmul_accumulate_wgmma import wgmma_configs, wgmma_descriptor, wgmma_kernel
+from ..kernels.matmul_accumulate_cooperative import cooperative_configs, cooperative_kernel
+from ..kernels.matmul_accumulate_wgmma import wgmma_configs, wgmma_kernel
 from ..kernels.softmax_grad_rows import softmax_grad_rows_kernel
 
 __all__ = ["Settings", "SETTINGS", "lce_forward_impl", "lce_backward_impl", "lce_fused_impl", "plan_backward",
@@ -588,13 +589,13 @@ def _launch_gluon(a: Tensor, b: Tensor, state: Tensor, out: Tensor, *, mode: int
     if cfg["kernel"] == "cooperative":
         assert mode == MODE_COMPENSATED
         half = [bm, bn // 2]
-        cooperative_kernel[grid](cooperative_descriptor(a.t(), [bk, bm]), cooperative_descriptor(b, [bk, bn // 2]),
-                                 cooperative_descriptor(out, half), cooperative_descriptor(state, half), M, N, K,
+        cooperative_kernel[grid](gluon_descriptor(a.t(), [bk, bm]), gluon_descriptor(b, [bk, bn // 2]),
+                                 gluon_descriptor(out, half), gluon_descriptor(state, half), M, N, K,
                                  FIRST=first, LAST=last, GROUP_M=_GROUP_M, NUM_SMS=num_sms, **cfg["constexprs"],
                                  num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"])
         return
-    a_t_desc = wgmma_descriptor(a.t(), [bk, bm])
-    b_desc = wgmma_descriptor(b, [bk, bn])
+    a_t_desc = gluon_descriptor(a.t(), [bk, bm])
+    b_desc = gluon_descriptor(b, [bk, bn])
     wgmma_kernel[grid](a_t_desc, b_desc, state, state, out, M, N, K, state.stride(0), out.stride(0),
                        MODE=mode, FIRST=first, LAST=last, GROUP_M=_GROUP_M, NUM_SMS=num_sms, **cfg["constexprs"],
                        num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"])
