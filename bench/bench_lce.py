@@ -389,6 +389,30 @@ def profile(shapes):
         torch.cuda.empty_cache()
 
 
+def chunk_rows_sweep(shapes):
+    """cuBLAS's rate on the fused op's two per-chunk matmuls (logits [c, V] = h_c @ W.T, grad_hidden [c, D] =
+    grad_logits @ W) for chunk sizes c around the plan's: whether some chunk sizes fill the GPU's waves better."""
+    import inductor_lce.lowering.lce_triton as I
+
+    for N, D, V in shapes:
+        plan = I.plan_fused(N, D, V, torch.bfloat16)
+        h = torch.randn(N, D, device=DEV, dtype=torch.bfloat16)
+        w = torch.randn(V, D, device=DEV, dtype=torch.bfloat16) / D ** 0.5
+        logits = torch.empty(N, V, device=DEV, dtype=torch.bfloat16)
+        gh = torch.empty(N, D, device=DEV, dtype=torch.bfloat16)
+        log(f"\n== chunk rows N={N} D={D} V={V}: plan {plan.chunk_rows} rows ({plan.state_mode})")
+        step = 64 if plan.chunk_rows < 2048 else 128
+        lo, hi = max(step, plan.chunk_rows // 2), min(N, plan.chunk_rows * 3 // 2)
+        for c in range(lo // step * step, hi + 1, step):
+            t_l = bench_ms(lambda: torch.mm(h[:c], w.t(), out=logits[:c]))
+            t_g = bench_ms(lambda: torch.mm(logits[:c], w, out=gh[:c]))
+            tf = 2 * c * D * V / 1e9
+            log(f"  c={c:5d}  logits {t_l:.3f} ms {tf / t_l:4.0f} TF/s   grad_hidden {t_g:.3f} ms {tf / t_g:4.0f} TF/s"
+                f"   per 1000 rows {1000 * (t_l + t_g) / c:.3f} ms")
+        del h, w, logits, gh
+        torch.cuda.empty_cache()
+
+
 def save_table(info, results):
     d = out_dir()
     json.dump(dict(info=info, results=results), open(os.path.join(d, "bench.json"), "w"), indent=1)
@@ -572,7 +596,8 @@ def sweep(shapes):
         h_c, y_c = h[:c], y[:c]
         loss, lse = torch.empty(c, device=DEV), torch.empty(c, device=DEV)
         scale = torch.tensor(1.0 / N, device=DEV)
-        logits = I._logits_chunk(h_c, w, None, stride)
+        buf = torch.empty(c, stride, device=DEV, dtype=h.dtype)[:, :V]   # (the op's chunk buffer)
+        logits = torch.mm(h_c, w.t(), out=buf)
         gl_t = logits.t()
         gh = torch.empty(c, D, device=DEV, dtype=h.dtype)
         gw = torch.zeros(V, D, device=DEV, dtype=h.dtype)
@@ -601,7 +626,7 @@ def sweep(shapes):
             ref = gl_t.float() @ h_c.float()
             return float((run.result().float() - ref).abs().max() / ref.abs().max())
 
-        pieces = [("logits_mm_cublas", lambda: I._logits_chunk(h_c, w, None, stride)),
+        pieces = [("logits_mm_cublas", lambda: torch.mm(h_c, w.t(), out=buf)),
                   ("softmax_grad_rows", lambda: I._softmax_grad_rows(logits, y_c, loss, lse, scale, -100, 0.0, False)),
                   ("grad_hidden_mm_cublas", lambda: torch.mm(logits, w, out=gh)),
                   ("grad_weight_mm_cublas_bf16_overwrite", lambda: torch.mm(gl_t, h_c, out=gw)),
@@ -668,7 +693,7 @@ def sweep(shapes):
                 tflops=round(per_launch_tf / t * 1e3) if isinstance(t, float) and "_mm_" in what else None,
                 error=accumulate_error(fn) if hasattr(fn, "result") and isinstance(t, float) else None,
                 config=_tuned_config(what))
-        del logits, gl_t, gh, gw, st32, lo, h, w, y, slab_logits, gh_all, gh_lo
+        del logits, buf, gl_t, gh, gw, st32, lo, h, w, y, slab_logits, gh_all, gh_lo
         gc.collect()
         torch.cuda.empty_cache()
         json.dump(rows, open(os.path.join(out_dir(), "sweep.json"), "w"), indent=1)
@@ -701,6 +726,7 @@ def main():
     ap.add_argument("--compile-report", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--host", action="store_true")
+    ap.add_argument("--chunk-rows", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("inductor_lce").setLevel(logging.INFO)   # (the per-shape grad_weight kernel choice)
@@ -714,6 +740,9 @@ def main():
         return
     if args.host:
         host_profile(shapes)
+        return
+    if args.chunk_rows:
+        chunk_rows_sweep(shapes)
         return
     if args.sweep:
         sweep(shapes)

@@ -341,6 +341,40 @@ def _grad_hidden_kernels_interpreted():
     return out
 
 
+# chunk sizes chosen by timing (chunk_schedule.py), forced on the interpreter with made-up times: N = 72, V = 100
+# (row stride 112), D = 32, a compensated state and room for 32 rows: the even split is 3 x 24, the made-up times
+# make a 24-row chunk slow, so the op runs 32 + 32 + 8
+_TIMED_CHUNKS = _fused(72, 32, 100, "bfloat16", False, 0.1, -100, dict(fused_workspace_bytes=100 * 32 + 32 * 224),
+                       "compensated")
+
+
+def _timed_chunks_interpreted():
+    """(outputs, plan, chunk sizes) of the fused op with _TIMED_CHUNKS' sizes chosen by ``chunk_schedule`` on
+    made-up times (the timing writes garbage into the chunk buffer and grad_hidden, as the real one overwrites
+    them), and the outputs of the even split."""
+    from inductor_lce.lowering import lce_triton
+
+    def made_up_times(hidden, weight, buf, grad_hidden, sizes):
+        buf.fill_(float("nan"))
+        grad_hidden.fill_(float("nan"))
+        return {c: c + (100.0 if c == 24 else 0.0) for c in sizes}
+
+    c = _TIMED_CHUNKS.case
+    inputs = fused_case_inputs(_TIMED_CHUNKS)
+    even = run_fused(inputs, c.ignore_index, c.settings)
+    saved = lce_triton._tune_chunks, lce_triton.time_chunk_matmuls
+    lce_triton._tune_chunks, lce_triton.time_chunk_matmuls = (lambda *args: True), made_up_times
+    try:
+        lce_triton._CHUNK_SCHEDULES.clear()
+        timed = run_fused(inputs, c.ignore_index, c.settings)
+        schedules = dict(lce_triton._CHUNK_SCHEDULES)
+        again = run_fused(inputs, c.ignore_index, c.settings)     # the cached sizes (no timing)
+    finally:
+        lce_triton._tune_chunks, lce_triton.time_chunk_matmuls = saved
+        lce_triton._CHUNK_SCHEDULES.clear()
+    return even, timed, again, list(schedules.values())
+
+
 def _state_accumulation_interpreted():
     """{dtype: (result, exact sum, max |running sum|, plain dtype accumulation)} of 40 MODE 1 (compensated) launches
     of matmul_accumulate (out [37, 70] += a_i [37, 16] @ b_i [16, 70]) whose products change scale by 2^-6..2^6
@@ -387,6 +421,7 @@ def _worker(out_path):
     results["__grad_weight_tma__"] = _grad_weight_kernels_interpreted()
     results["__grad_hidden_tma__"] = _grad_hidden_kernels_interpreted()
     results["__state_accumulation__"] = _state_accumulation_interpreted()
+    results["__timed_chunks__"] = _timed_chunks_interpreted()
     x = tanh_probe_inputs()
     y = torch.empty_like(x)
     _tanh_probe_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
@@ -552,6 +587,21 @@ def test_interpreted_fused_matches_reference(interpreted, case):
     check_fused_outputs(got, fused_case_inputs(fused), c.ignore_index, case, softcap=c.softcap)
 
 
+def test_interpreted_fused_timed_chunk_sizes(interpreted):
+    """Chunk sizes chosen by timing (made-up times here): the op runs them, exact as the even split, and a second
+    call reuses them without timing again."""
+    (even, (state_mode, chunk_rows)), (timed, _), (again, _), schedules = interpreted["__timed_chunks__"]
+    c = _TIMED_CHUNKS.case
+    assert state_mode == "compensated" and chunk_rows == 24, (state_mode, chunk_rows)
+    assert schedules == [[32, 32, 8]], schedules
+    inputs = fused_case_inputs(_TIMED_CHUNKS)
+    for got in (even, timed, again):
+        check_fused_outputs(got, inputs, c.ignore_index, "timed chunks")
+    for i in (0, 1, 2):   # per-row results: the same whatever the chunks
+        assert torch.equal(timed[i], even[i]) and torch.equal(again[i], timed[i]), i
+    assert torch.equal(again[3], timed[3])
+
+
 def test_fused_plan():
     """plan_fused: the workspace rule, the state chosen per case, chunk rows, the recompute fallback."""
     import inductor_lce.lowering as L
@@ -581,9 +631,13 @@ def test_fused_plan():
             continue
         assert plan.state_mode in ("fp32", "compensated"), plan
         state_bytes = V * D * (4 if plan.state_mode == "fp32" else 1)
-        assert plan.workspace_bytes == state_bytes + plan.chunk_rows * stride * 2
+        assert plan.workspace_bytes == state_bytes + plan.max_chunk_rows * stride * 2
         assert plan.chunk_rows % 128 == 0 and plan.chunk_rows < N
+        # the timed chunk sizes' bound: the most rows that fit, a multiple of 64, no fewer chunks than the even split
+        assert plan.max_chunk_rows % 64 == 0 and plan.chunk_rows <= plan.max_chunk_rows
+        assert state_bytes + (plan.max_chunk_rows + 64) * stride * 2 > ws
         n_chunks = -(-N // plan.chunk_rows)
+        assert -(-N // plan.max_chunk_rows) == n_chunks, plan
         assert n_chunks == -(-N // ((ws - state_bytes) // (stride * 2) // 128 * 128)), plan  # as few as fit
         assert (n_chunks - 1) * plan.chunk_rows < N
         # fp32 when it and a chunk of >= min(N, 1024) rows fit, unless the compensated state's larger chunks
@@ -599,7 +653,8 @@ def test_fused_plan():
     assert -(-16384 // I.plan_fused(16384, 2048, 32000, bf16).chunk_rows) == 3
     assert I.plan_fused(16384, 2048, 32000, bf16, state="fp32").state_mode == "fp32"
     # one chunk when all rows fit; the state is forced; fp32 weights accumulate in grad_weight
-    assert I.plan_fused(3000, 512, 20000, bf16, workspace=1 << 30) == I.FusedPlan(3000, "one_chunk", 3000 * 20224 * 2)
+    one_chunk = I.FusedPlan(3000, "one_chunk", 3000 * 20224 * 2, 3000)
+    assert I.plan_fused(3000, 512, 20000, bf16, workspace=1 << 30) == one_chunk
     p = I.plan_fused(3000, 512, 20000, bf16, workspace=100 * mib, state="compensated")
     assert p.state_mode == "compensated" and p.workspace_bytes <= 100 * mib
     p = I.plan_fused(3000, 512, 20000, bf16, workspace=100 * mib)

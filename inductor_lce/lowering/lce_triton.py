@@ -65,6 +65,7 @@ from ..kernels.matmul_accumulate_tma import matmul_accumulate_tma_kernels
 from ..kernels.matmul_accumulate_cooperative import cooperative_configs, cooperative_kernel
 from ..kernels.matmul_accumulate_wgmma import wgmma_configs, wgmma_kernel
 from ..kernels.softmax_grad_rows import softmax_grad_rows_kernel
+from .chunk_schedule import candidate_sizes, chunk_sizes, time_chunk_matmuls
 
 __all__ = ["Settings", "SETTINGS", "lce_forward_impl", "lce_backward_impl", "lce_fused_impl", "plan_backward",
            "plan_fused", "FusedPlan", "forward_splits"]
@@ -111,6 +112,9 @@ class Settings:
     # the recompute backward's grad_hidden accumulation per V-slab: "tma" (matmul_accumulate_tma.py where TMA
     # applies, else "pointer") | "pointer" (matmul_accumulate.py). bench/NOTES.md 8.16
     grad_hidden_kernel: str = os.environ.get("INDUCTOR_LCE_GRAD_HIDDEN_KERNEL", "tma")
+    # fused op, eager on CUDA without a bias: the chunk sizes timed per shape (the first call) for cuBLAS's
+    # fastest sizes at the plan's chunk count (chunk_schedule.py; bench/NOTES.md 8.18); off: an even split
+    fused_chunk_tuning: bool = os.environ.get("INDUCTOR_LCE_FUSED_CHUNK_TUNING", "1") == "1"
 
 
 SETTINGS = Settings()
@@ -672,6 +676,7 @@ RECOMPUTE = "recompute"        # not even COMPENSATED + a minimal chunk fits: lc
 
 _MIN_FUSED_WORKSPACE = 64 * 2**20
 _FUSED_ROW_GRAIN = 8 if INTERPRET else 128   # chunk rows are a multiple of it (the last chunk ragged)
+_CHUNK_STEP = 8 if INTERPRET else 64         # timed chunk sizes are multiples of it (chunk_schedule.py)
 _FP32_STATE_MIN_ROWS = 1024                  # "auto" takes the fp32 state only beside chunks of >= min(N, this) rows
 
 
@@ -679,7 +684,8 @@ _FP32_STATE_MIN_ROWS = 1024                  # "auto" takes the fp32 state only 
 class FusedPlan:
     chunk_rows: int        # tokens per chunk (the last one may be shorter); 0 with RECOMPUTE
     state_mode: str        # ONE_CHUNK | IN_OUTPUT | FP32_STATE | COMPENSATED | RECOMPUTE
-    workspace_bytes: int   # state + one chunk of logits (+ traced temporaries); RECOMPUTE: plan_backward's
+    workspace_bytes: int   # state + the largest chunk of logits (+ traced temporaries); RECOMPUTE: plan_backward's
+    max_chunk_rows: int = 0  # the most rows a chunk may have (timed chunk sizes, eager): a multiple of _CHUNK_STEP
 
 
 def default_fused_workspace(n_tokens: int, num_classes: int, dtype: torch.dtype) -> int:
@@ -720,7 +726,8 @@ def plan_fused(n_tokens: int, dim: int, num_classes: int, dtype: torch.dtype, wo
         >= 128 rows (fewer chunks: fewer passes over the state, bench/NOTES.md 8.15); "fp32" / "compensated"
         force one (>= 128 rows);
     (e) nothing fits: RECOMPUTE.
-    Chunks: as many rows as fit beside the state, a multiple of 128, then evened out over the chunks needed.
+    Chunks: as many rows as fit beside the state, a multiple of 128, then evened out over the chunks needed
+    (chunk_rows); max_chunk_rows, the most that fit (a multiple of 64), bounds the timed sizes of the same count.
     Traced (Inductor), each row also costs a [D] temporary (the out= grad_hidden matmul becomes mm + copy), and with
     a 16-bit bias a [V] fp32 one (_logits_chunk's fp32 addmm)."""
     n = max(1, n_tokens)
@@ -736,7 +743,7 @@ def plan_fused(n_tokens: int, dim: int, num_classes: int, dtype: torch.dtype, wo
     if traced and bias and dtype != torch.float32:
         row_bytes += 4 * num_classes
     if n * row_bytes <= workspace:
-        return FusedPlan(n, ONE_CHUNK, n * row_bytes)
+        return FusedPlan(n, ONE_CHUNK, n * row_bytes, n)
     grain = _FUSED_ROW_GRAIN
     elements = num_classes * dim
     if dtype == torch.float32:
@@ -751,7 +758,8 @@ def plan_fused(n_tokens: int, dim: int, num_classes: int, dtype: torch.dtype, wo
         if fit >= max(grain, min(n, min_rows)):
             rows = fit // grain * grain
             rows = _cdiv(_cdiv(n, _cdiv(n, rows)), grain) * grain   # the same chunk count, chunks evened out
-            plans.append(FusedPlan(rows, mode, state_bytes + rows * row_bytes))
+            max_rows = max(rows, min(n, fit) // _CHUNK_STEP * _CHUNK_STEP)   # (chunk_schedule's bound)
+            plans.append(FusedPlan(rows, mode, state_bytes + max_rows * row_bytes, max_rows))
     if plans:  # the first that fits, unless a later one (the smaller state) needs fewer chunks (state passes)
         return min(plans, key=lambda p: _cdiv(n, p.chunk_rows))
     return FusedPlan(0, RECOMPUTE, plan_backward(n, dim, num_classes, dtype, traced=traced).workspace_bytes)
@@ -785,21 +793,15 @@ def _use_cublas_fp32(plan: FusedPlan, device: torch.device, traced: bool) -> boo
     return plan.state_mode == IN_OUTPUT or _cublas_fp32_accumulate_works(str(device))
 
 
-def _logits_chunk(h_c: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, traced: bool = False) -> Tensor:
-    """[c, V] logits of a chunk of rows by cuBLAS, rounded to the input dtype exactly like F.linear (it is the same
-    addmm), in a buffer of row stride ``stride`` >= V.
+def _logits_chunk(h_c: Tensor, weight: Tensor, bias: Optional[Tensor], traced: bool = False) -> Tensor:
+    """[c, V] logits of a chunk of rows by cuBLAS with a bias or traced (eager without a bias, the chunk loop writes
+    the same matmul into its chunk buffer), rounded to the input dtype exactly like F.linear (it is F.linear).
     Traced with a bias: Inductor may split the addmm into mm + a pointwise bias add when its users are pointwise
     (torch < 2.13 for 16-bit), rounding twice; an fp32 matmul + the bias, then one cast, keeps eager's single
     rounding (``aten.mm.dtype``: torch 2.11's decomposition of ``addmm.dtype`` is broken)."""
-    num_classes = weight.shape[0]
     if traced and bias is not None and h_c.dtype != torch.float32 and hasattr(torch.ops.aten.mm, "dtype"):
         return (torch.ops.aten.mm.dtype(h_c, weight.t(), torch.float32) + bias.float()).to(h_c.dtype)
-    if stride == num_classes:
-        return torch.nn.functional.linear(h_c, weight, bias)
-    logits = h_c.new_empty((h_c.shape[0], stride))[:, :num_classes]
-    if bias is None:
-        return torch.mm(h_c, weight.t(), out=logits)
-    return torch.addmm(bias, h_c, weight.t(), out=logits)
+    return torch.nn.functional.linear(h_c, weight, bias)
 
 
 def _softmax_grad_rows(logits: Tensor, target: Tensor, loss: Tensor, lse: Tensor, grad_scale: Tensor,
@@ -879,6 +881,53 @@ def lce_fused_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targe
     return loss, lse, grad_hidden, grad_weight, grad_bias
 
 
+_CHUNK_SCHEDULES: dict = {}   # (device, dtype, N, D, V, stride, max_chunk_rows) -> the timed chunk sizes
+
+
+def _tune_chunks(hidden: Tensor, bias: Optional[Tensor], traced: bool) -> bool:
+    """Whether the fused op times its chunk sizes: Settings.fused_chunk_tuning, eager on CUDA, without a bias (those
+    chunks are F.linear's own outputs), and not under torch.use_deterministic_algorithms (the sizes, and so
+    grad_weight's summation order, follow timings, as Inductor's autotuned kernels do)."""
+    return (SETTINGS.fused_chunk_tuning and not traced and not INTERPRET and hidden.is_cuda and bias is None
+            and not torch.are_deterministic_algorithms_enabled())
+
+
+def _chunk_sizes_and_buffer(plan: FusedPlan, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int,
+                            grad_hidden: Tensor, traced: bool) -> tuple[list, Optional[Tensor]]:
+    """The fused op's chunk sizes (rows, in order) and, eager without a bias, the one [rows, V] buffer (row stride
+    ``stride``) every chunk's logits are written to: the even split of plan.chunk_rows, or the sizes timed for this
+    shape (chunk_schedule.py; the first call times them in the buffer, before grad_hidden is written)."""
+    n_tokens, dim = hidden.shape
+    num_classes = weight.shape[0]
+    even = [min(plan.chunk_rows, n_tokens - r0) for r0 in range(0, n_tokens, plan.chunk_rows)]
+    sizes = even
+    if len(even) > 1 and plan.max_chunk_rows > plan.chunk_rows and _tune_chunks(hidden, bias, traced):
+        key = (str(hidden.device), hidden.dtype, n_tokens, dim, num_classes, stride, plan.max_chunk_rows)
+        sizes = _CHUNK_SCHEDULES.get(key)
+        if sizes is None:
+            buf = hidden.new_empty((plan.max_chunk_rows, stride))[:, :num_classes]
+            sizes = _CHUNK_SCHEDULES[key] = _timed_chunk_sizes(hidden, weight, buf, grad_hidden, even,
+                                                               plan.max_chunk_rows)
+            return sizes, buf
+    if bias is not None or traced:
+        return sizes, None
+    return sizes, hidden.new_empty((max(sizes), stride))[:, :num_classes]
+
+
+def _timed_chunk_sizes(hidden: Tensor, weight: Tensor, buf: Tensor, grad_hidden: Tensor, even: list,
+                       max_rows: int) -> list:
+    """chunk_schedule.chunk_sizes on the times of the candidate sizes (and the even split's), measured here."""
+    n_tokens = hidden.shape[0]
+    step = _CHUNK_STEP * _cdiv(max_rows, 48 * _CHUNK_STEP)     # at most ~48 sizes of whole chunks
+    timed = sorted(set(candidate_sizes(n_tokens, max_rows, step)) | set(even))
+    times = time_chunk_matmuls(hidden, weight, buf, grad_hidden, timed)
+    sizes = chunk_sizes(n_tokens, len(even), max_rows, step, times.__getitem__, even)
+    log.info("fused op chunks of [%d, %d] @ [%d, %d].T: %s rows, %.2f ms of logits and grad_hidden "
+             "matmuls (the even split %s: %.2f ms; %d sizes timed)", n_tokens, hidden.shape[1], weight.shape[0],
+             hidden.shape[1], sizes, sum(times[c] for c in sizes), even, sum(times[c] for c in even), len(timed))
+    return sizes
+
+
 def _fused_chunks(plan, hidden, weight, bias, target, grad_scale, ignore_index, softcap, traced,
                   loss, lse, grad_hidden, grad_weight, grad_bias_acc):
     """The chunk loop of lce_fused_impl: fills loss, lse, grad_hidden, grad_weight and grad_bias_acc."""
@@ -893,12 +942,16 @@ def _fused_chunks(plan, hidden, weight, bias, target, grad_scale, ignore_index, 
         state = hidden.new_empty((num_classes, dim), dtype=torch.float32)       # [V, D]
     elif mode == COMPENSATED:
         state = hidden.new_empty((num_classes, dim), dtype=torch.int8)          # [V, D] compensation of grad_weight
-    starts = list(range(0, n_tokens, plan.chunk_rows))
-    for i, r0 in enumerate(starts):
-        r1 = min(r0 + plan.chunk_rows, n_tokens)
-        first, last = i == 0, i == len(starts) - 1
+    sizes, buf = _chunk_sizes_and_buffer(plan, hidden, weight, bias, stride, grad_hidden, traced)
+    r1 = 0
+    for i, rows in enumerate(sizes):
+        r0, r1 = r1, r1 + rows
+        first, last = i == 0, i == len(sizes) - 1
         h_c = hidden[r0:r1]
-        logits = _logits_chunk(h_c, weight, bias, stride, traced)               # [c, V], row stride `stride`
+        if buf is None:
+            logits = _logits_chunk(h_c, weight, bias, traced)                   # [c, V]
+        else:  # the same matmul as F.linear's, into the chunk buffer
+            logits = torch.mm(h_c, weight.t(), out=buf[:rows])                 # [c, V], row stride `stride`
         _softmax_grad_rows(logits, target[r0:r1], _whole_or_rows(loss, r0, r1, n_tokens),
                            _whole_or_rows(lse, r0, r1, n_tokens), grad_scale, ignore_index, softcap, traced)
         # grad_hidden of the chunk: one matmul over all V, written straight into the output (exact)

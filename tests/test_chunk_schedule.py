@@ -1,0 +1,60 @@
+"""chunk_schedule.chunk_sizes: the fused op's chunk sizes from timed sizes (pure Python, no kernels)."""
+import itertools
+
+import pytest
+
+from inductor_lce.lowering.chunk_schedule import candidate_sizes, chunk_sizes
+
+
+def _check(sizes, n_rows, n_chunks, max_rows, step):
+    assert sum(sizes) == n_rows and len(sizes) == n_chunks, sizes
+    assert all(0 < c <= max_rows for c in sizes), sizes
+    assert sum(c % step != 0 for c in sizes) <= 1, sizes   # only the rest is off the step
+
+
+def _brute_force(n_rows, n_chunks, max_rows, step, cost):
+    whole = [c for c in range(step, max_rows + 1, step) if 4 * c >= max_rows]
+    best = None
+    for head in itertools.product(whole, repeat=n_chunks - 1):
+        rest = n_rows - sum(head)
+        if 0 < rest <= max_rows:
+            t = sum(map(cost, head)) + cost(rest)
+            best = t if best is None else min(best, t)
+    return best
+
+
+# made-up time per size: a wave-quantized matmul (full waves of 132 tiles of 128 rows x 32 columns) or plain rows
+def _waves(c):
+    return -(-(-(-c // 128) * 32) // 132) * 1.0 + c * 1e-4
+
+
+@pytest.mark.parametrize("n_rows,n_chunks,max_rows,step", [(8192, 5, 1920, 64), (4096, 5, 960, 64),
+                                                            (16384, 3, 6976, 192), (1000, 3, 384, 64),
+                                                            (8191, 5, 1920, 64)])
+@pytest.mark.parametrize("cost", [_waves, float], ids=["waves", "linear"])
+def test_chunk_sizes_is_the_optimum(n_rows, n_chunks, max_rows, step, cost):
+    even_rows = -(-(-(-n_rows // n_chunks)) // 128) * 128
+    even = [min(even_rows, n_rows - r0) for r0 in range(0, n_rows, even_rows)]
+    sizes = chunk_sizes(n_rows, n_chunks, max_rows, step, cost, even)
+    if sizes != even:
+        _check(sizes, n_rows, n_chunks, max_rows, step)
+    best = min(_brute_force(n_rows, n_chunks, max_rows, step, cost), sum(map(cost, even)))
+    assert sum(map(cost, sizes)) == pytest.approx(best, rel=1e-12) and sum(map(cost, sizes)) <= sum(map(cost, even))
+    if cost is float:   # time in proportion to rows: nothing beats the even split, which is kept
+        assert sizes == even
+
+
+def test_chunk_sizes_asks_only_candidate_sizes():
+    asked = set()
+
+    def cost(c):
+        asked.add(c)
+        return _waves(c)
+
+    chunk_sizes(8192, 5, 1920, 64, cost, [1664] * 4 + [1536])
+    assert asked <= set(candidate_sizes(8192, 1920, 64)) | {1664, 1536}
+    assert 1536 in chunk_sizes(8192, 5, 1920, 64, lambda c: 0.9 * c if c == 1536 else c, [1664] * 4 + [1536])
+
+
+def test_chunk_sizes_falls_back_when_nothing_fits():
+    assert chunk_sizes(1000, 2, 400, 64, float, [500, 500]) == [500, 500]   # 2 x 400 < 1000
