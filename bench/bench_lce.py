@@ -3,6 +3,7 @@
     python bench/bench_lce.py              # methods x shapes: table on stdout; $OUT (or bench/out/) gets
                                            # bench.json, RESULTS_section.md and bench_lce.png
     python bench/bench_lce.py --sweep      # the three-GEMM loop's pieces alone, per grad_weight variant
+    python bench/bench_lce.py --chunk-rows # cuBLAS's per-chunk matmuls at chunk sizes around the plan's
 
 Methods (METHODS=comma list selects):
   floor         three cuBLAS matmuls of N*D*V (logits, grad_hidden, grad_weight): the time floor
