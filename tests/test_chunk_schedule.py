@@ -3,7 +3,7 @@ import itertools
 
 import pytest
 
-from inductor_lce.lowering.chunk_schedule import candidate_sizes, chunk_sizes
+from inductor_lce.lowering.chunk_schedule import candidate_sizes, chunk_sizes, round_up, whole_step
 
 
 def _check(sizes, n_rows, n_chunks, max_rows, step):
@@ -44,16 +44,35 @@ def test_chunk_sizes_is_the_optimum(n_rows, n_chunks, max_rows, step, cost):
         assert sizes == even
 
 
-def test_chunk_sizes_asks_only_candidate_sizes():
+@pytest.mark.parametrize("n_rows", [8192, 8191, 8000])
+def test_chunk_sizes_asks_only_timed_sizes(n_rows):
+    """Every size chunk_sizes asks the cost of, rounded up to the unit (64 rows), is one candidate_sizes lists."""
     asked = set()
 
     def cost(c):
         asked.add(c)
-        return _waves(c)
+        return _waves(round_up(c, 64))
 
-    chunk_sizes(8192, 5, 1920, 64, cost, [1664] * 4 + [1536])
-    assert asked <= set(candidate_sizes(8192, 1920, 64)) | {1664, 1536}
+    even = [1664] * 4 + [n_rows - 4 * 1664]
+    chunk_sizes(n_rows, 5, 1920, 64, cost, even)
+    timed = set(candidate_sizes(n_rows, 1920, 64, 64)) | {1664, round_up(even[-1], 64)}
+    assert {round_up(c, 64) for c in asked} <= timed
     assert 1536 in chunk_sizes(8192, 5, 1920, 64, lambda c: 0.9 * c if c == 1536 else c, [1664] * 4 + [1536])
+
+
+def test_timed_sizes_are_shared_across_token_counts():
+    """A run whose token count changes every step: the grid of whole sizes nests (a power-of-two multiple of the
+    unit, at most 48 of them below max_rows), and over 2000 token counts the sizes to time stay a few hundred."""
+    for max_rows in range(64, 40000, 64):
+        step = whole_step(max_rows, 64)
+        assert step % 64 == 0 and (step // 64) & (step // 64 - 1) == 0 and max_rows // step <= 48
+    union = set()
+    for n_rows in range(6000, 8000):
+        max_rows = (n_rows // 4 + 100) // 64 * 64          # (how the plan's bound grows with N)
+        sizes = candidate_sizes(n_rows, max_rows, whole_step(max_rows, 64), 64)
+        assert all(c % 64 == 0 and 0 < c <= max_rows for c in sizes)
+        union.update(sizes)
+    assert len(union) <= 2000 // 64 + 48, len(union)
 
 
 def test_chunk_sizes_falls_back_when_nothing_fits():

@@ -348,31 +348,44 @@ _TIMED_CHUNKS = _fused(72, 32, 100, "bfloat16", False, 0.1, -100, dict(fused_wor
                        "compensated")
 
 
+def _timed_chunks_inputs(n_rows):
+    """_TIMED_CHUNKS' inputs, the first n_rows tokens (grad_scale unchanged)."""
+    inputs = list(fused_case_inputs(_TIMED_CHUNKS))
+    for i in (0, 3, 5):   # hidden, target, per-token grad_loss
+        inputs[i] = inputs[i][:n_rows]
+    return tuple(inputs)
+
+
 def _timed_chunks_interpreted():
-    """(outputs, plan, chunk sizes) of the fused op with _TIMED_CHUNKS' sizes chosen by ``chunk_schedule`` on
-    made-up times (the timing writes garbage into the chunk buffer and grad_hidden, as the real one overwrites
-    them), and the outputs of the even split."""
+    """The fused op on _TIMED_CHUNKS with its chunk sizes chosen by ``chunk_schedule`` on made-up times (the timing
+    writes garbage into the chunk buffer and grad_hidden, as the real one overwrites them): {name: (outputs, plan)}
+    for the even split, the first call (timed), a second call, and 70 of the tokens (sizes already timed), plus the
+    chosen sizes per token count and the sizes each timing call got."""
     from inductor_lce.lowering import lce_triton
 
+    timed = []
+
     def made_up_times(hidden, weight, buf, grad_hidden, sizes):
+        timed.append(list(sizes))
         buf.fill_(float("nan"))
         grad_hidden.fill_(float("nan"))
         return {c: c + (100.0 if c == 24 else 0.0) for c in sizes}
 
     c = _TIMED_CHUNKS.case
-    inputs = fused_case_inputs(_TIMED_CHUNKS)
-    even = run_fused(inputs, c.ignore_index, c.settings)
+    out = {"even": run_fused(_timed_chunks_inputs(72), c.ignore_index, c.settings)}
     saved = lce_triton._tune_chunks, lce_triton.time_chunk_matmuls
     lce_triton._tune_chunks, lce_triton.time_chunk_matmuls = (lambda *args: True), made_up_times
     try:
         lce_triton._CHUNK_SCHEDULES.clear()
-        timed = run_fused(inputs, c.ignore_index, c.settings)
-        schedules = dict(lce_triton._CHUNK_SCHEDULES)
-        again = run_fused(inputs, c.ignore_index, c.settings)     # the cached sizes (no timing)
+        lce_triton._CHUNK_TIMES.clear()
+        for name, n_rows in (("first", 72), ("again", 72), ("70 tokens", 70)):
+            out[name] = run_fused(_timed_chunks_inputs(n_rows), c.ignore_index, c.settings)
+        schedules = {key[5]: sizes for key, sizes in lce_triton._CHUNK_SCHEDULES.items()}
     finally:
         lce_triton._tune_chunks, lce_triton.time_chunk_matmuls = saved
         lce_triton._CHUNK_SCHEDULES.clear()
-    return even, timed, again, list(schedules.values())
+        lce_triton._CHUNK_TIMES.clear()
+    return out, schedules, timed
 
 
 def _state_accumulation_interpreted():
@@ -588,18 +601,21 @@ def test_interpreted_fused_matches_reference(interpreted, case):
 
 
 def test_interpreted_fused_timed_chunk_sizes(interpreted):
-    """Chunk sizes chosen by timing (made-up times here): the op runs them, exact as the even split, and a second
-    call reuses them without timing again."""
-    (even, (state_mode, chunk_rows)), (timed, _), (again, _), schedules = interpreted["__timed_chunks__"]
+    """Chunk sizes chosen by timing (made-up times here): the op runs them, exact as the even split; a second call
+    reuses them, and another token count reuses the times (the sizes it needs are timed already)."""
+    out, schedules, timed = interpreted["__timed_chunks__"]
     c = _TIMED_CHUNKS.case
-    assert state_mode == "compensated" and chunk_rows == 24, (state_mode, chunk_rows)
-    assert schedules == [[32, 32, 8]], schedules
-    inputs = fused_case_inputs(_TIMED_CHUNKS)
-    for got in (even, timed, again):
-        check_fused_outputs(got, inputs, c.ignore_index, "timed chunks")
+    assert out["even"][1] == ("compensated", 24), out["even"][1]
+    assert schedules[72] == [32, 32, 8], schedules
+    # 70 tokens: three chunks of at most 32 rows, none timed as 24 rows (two splits tie: 32 + 32 + 6, 32 + 30 + 8)
+    assert sorted(schedules[70]) in ([6, 32, 32], [8, 30, 32]), schedules
+    assert len(timed) == 1 and 24 in timed[0] and all(s % 8 == 0 and s <= 32 for s in timed[0]), timed
+    for name, (got, _) in out.items():
+        check_fused_outputs(got, _timed_chunks_inputs(70 if name == "70 tokens" else 72), c.ignore_index, name)
+    even, first, again = (out[k][0] for k in ("even", "first", "again"))
     for i in (0, 1, 2):   # per-row results: the same whatever the chunks
-        assert torch.equal(timed[i], even[i]) and torch.equal(again[i], timed[i]), i
-    assert torch.equal(again[3], timed[3])
+        assert torch.equal(first[i], even[i]) and torch.equal(again[i], first[i]), i
+    assert torch.equal(again[3], first[3])
 
 
 def test_fused_plan():
@@ -1257,6 +1273,28 @@ def test_cuda_fused_triton_op_under_compile(softcap, workspace):
     finally:
         SETTINGS.fused_workspace_bytes = saved
     check_fused_outputs(tuple(got), inputs, -100, f"compiled ws={workspace}", softcap=softcap)
+
+
+@cuda
+def test_cuda_fused_timed_chunk_sizes_across_token_counts():
+    """The chunk sizes timed on the GPU (cuBLAS, CUDA events): exact at two token counts, and the second count
+    reuses the first one's timed sizes (each size is timed once per D and V)."""
+    from inductor_lce.lowering import lce_triton
+
+    settings = dict(fused_workspace_bytes=int(39.1 * _MIB), fused_chunk_tuning=True)   # 5 chunks of <= 704 rows
+    lce_triton._CHUNK_TIMES.clear()
+    lce_triton._CHUNK_SCHEDULES.clear()
+    timed = []
+    for n_rows in (3000, 2950):
+        inputs = fused_inputs(n_rows, 512, 20000, torch.bfloat16, False, 0.1, -100, "mean", device="cuda")
+        got, (state_mode, chunk_rows) = run_fused(inputs, -100, settings)
+        assert state_mode == "compensated" and -(-n_rows // chunk_rows) >= 3, (state_mode, chunk_rows)
+        check_fused_outputs(got, inputs, -100, f"timed chunks, {n_rows} tokens")
+        (times,) = lce_triton._CHUNK_TIMES.values()
+        timed.append(len(times))
+    sizes = {key[5]: s for key, s in lce_triton._CHUNK_SCHEDULES.items()}
+    assert set(sizes) == {3000, 2950} and all(sum(s) == n for n, s in sizes.items()), sizes
+    assert timed[0] >= 10 and timed[1] - timed[0] <= 2, timed
 
 
 @cuda

@@ -11,6 +11,8 @@ pass over the state) and only the sizes are free. cuBLAS's tiles and waves make 
 at 8192 x 4096 x 128256 the two matmuls take 3.38 ms per 1000 rows at c = 1664 (the even split into 5 chunks)
 and 3.04 at c = 1536 (bench/NOTES.md 8.18). ``chunk_sizes`` picks, from measured times per size, the k sizes of at
 most ``max_rows`` rows that sum to N with the least total time; ``time_chunk_matmuls`` measures them on the GPU.
+Times are kept per size (multiples of a unit, 64 rows), independent of N, so that a run whose token count changes
+from step to step times each size once.
 """
 from __future__ import annotations
 
@@ -20,12 +22,30 @@ import torch
 from torch import Tensor
 
 
-def candidate_sizes(n_rows: int, max_rows: int, step: int) -> list[int]:
-    """Sizes ``chunk_sizes`` may ask the cost of: multiples of ``step`` in [max_rows / 4, max_rows], and the
-    possible last chunks n_rows - m * step in (0, max_rows]."""
-    whole = range(max(step, max_rows // 4 // step * step), max_rows + 1, step)
+def round_up(rows: int, unit: int) -> int:
+    return -(-rows // unit) * unit
+
+
+def whole_step(max_rows: int, unit: int, most: int = 48) -> int:
+    """The grid of whole chunk sizes: ``unit`` times a power of two, so that at most ~``most`` sizes lie in
+    [max_rows / 4, max_rows] and the grids of different token counts nest (their times are shared)."""
+    step = unit
+    while max_rows // step > most:
+        step *= 2
+    return step
+
+
+def candidate_sizes(n_rows: int, max_rows: int, step: int, unit: int) -> list[int]:
+    """The sizes whose times ``chunk_sizes`` needs (every one a multiple of ``unit``): whole chunks, multiples of
+    ``step`` in [max_rows / 4, max_rows], and the possible last chunks n_rows - m * step in (0, max_rows], each timed
+    at its size rounded up to ``unit`` (max_rows is a multiple of it)."""
     last = (n_rows - m * step for m in range(max(0, (n_rows - max_rows) // step), n_rows // step + 1))
-    return sorted(set(whole) | {r for r in last if 0 < r <= max_rows})
+    return sorted(set(_whole(max_rows, step)) | {round_up(r, unit) for r in last if 0 < r <= max_rows})
+
+
+def _whole(max_rows: int, step: int) -> range:
+    """The sizes of the chunks before the last: multiples of ``step`` in [max_rows / 4, max_rows]."""
+    return range(max(step, max_rows // 4 // step * step), max_rows + 1, step)
 
 
 def chunk_sizes(n_rows: int, n_chunks: int, max_rows: int, step: int, cost: Callable[[int], float],
@@ -34,7 +54,7 @@ def chunk_sizes(n_rows: int, n_chunks: int, max_rows: int, step: int, cost: Call
     of at least max_rows / 4 and the last the rest, with the least sum of ``cost(size)`` (dynamic programming over
     the rows covered), largest first; ``fallback`` (the even split) when it is no worse or nothing fits."""
     fallback = list(fallback)
-    whole = [c for c in candidate_sizes(n_rows, max_rows, step) if c % step == 0 and 4 * c >= max_rows]
+    whole = _whole(max_rows, step)
     best: dict[int, tuple[float, list[int]]] = {0: (0.0, [])}       # rows covered -> (cost, sizes)
     for _ in range(n_chunks - 1):
         grown: dict[int, tuple[float, list[int]]] = {}

@@ -65,7 +65,7 @@ from ..kernels.matmul_accumulate_tma import matmul_accumulate_tma_kernels
 from ..kernels.matmul_accumulate_cooperative import cooperative_configs, cooperative_kernel
 from ..kernels.matmul_accumulate_wgmma import wgmma_configs, wgmma_kernel
 from ..kernels.softmax_grad_rows import softmax_grad_rows_kernel
-from .chunk_schedule import candidate_sizes, chunk_sizes, time_chunk_matmuls
+from .chunk_schedule import candidate_sizes, chunk_sizes, round_up, time_chunk_matmuls, whole_step
 
 __all__ = ["Settings", "SETTINGS", "lce_forward_impl", "lce_backward_impl", "lce_fused_impl", "plan_backward",
            "plan_fused", "FusedPlan", "forward_splits"]
@@ -881,7 +881,8 @@ def lce_fused_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targe
     return loss, lse, grad_hidden, grad_weight, grad_bias
 
 
-_CHUNK_SCHEDULES: dict = {}   # (device, dtype, N, D, V, stride, max_chunk_rows) -> the timed chunk sizes
+_CHUNK_TIMES: dict = {}       # (device, dtype, D, V, stride) -> {rows: ms of a chunk's two matmuls}, any N
+_CHUNK_SCHEDULES: dict = {}   # (device, dtype, D, V, stride, N, max_chunk_rows) -> the chunk sizes
 
 
 def _tune_chunks(hidden: Tensor, bias: Optional[Tensor], traced: bool) -> bool:
@@ -895,37 +896,35 @@ def _tune_chunks(hidden: Tensor, bias: Optional[Tensor], traced: bool) -> bool:
 def _chunk_sizes_and_buffer(plan: FusedPlan, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int,
                             grad_hidden: Tensor, traced: bool) -> tuple[list, Optional[Tensor]]:
     """The fused op's chunk sizes (rows, in order) and, eager without a bias, the one [rows, V] buffer (row stride
-    ``stride``) every chunk's logits are written to: the even split of plan.chunk_rows, or the sizes timed for this
-    shape (chunk_schedule.py; the first call times them in the buffer, before grad_hidden is written)."""
+    ``stride``) every chunk's logits are written to: the even split of plan.chunk_rows, or the sizes chosen on
+    timed sizes (chunk_schedule.py). Sizes not timed yet for this D and V are timed here, in that buffer before
+    grad_hidden is written (not while a CUDA graph is captured: the even split then)."""
     n_tokens, dim = hidden.shape
     num_classes = weight.shape[0]
     even = [min(plan.chunk_rows, n_tokens - r0) for r0 in range(0, n_tokens, plan.chunk_rows)]
-    sizes = even
+    sizes, buf = even, None
     if len(even) > 1 and plan.max_chunk_rows > plan.chunk_rows and _tune_chunks(hidden, bias, traced):
-        key = (str(hidden.device), hidden.dtype, n_tokens, dim, num_classes, stride, plan.max_chunk_rows)
-        sizes = _CHUNK_SCHEDULES.get(key)
-        if sizes is None:
-            buf = hidden.new_empty((plan.max_chunk_rows, stride))[:, :num_classes]
-            sizes = _CHUNK_SCHEDULES[key] = _timed_chunk_sizes(hidden, weight, buf, grad_hidden, even,
-                                                               plan.max_chunk_rows)
-            return sizes, buf
+        times_key = (str(hidden.device), hidden.dtype, dim, num_classes, stride)
+        key = times_key + (n_tokens, plan.max_chunk_rows)
+        if key not in _CHUNK_SCHEDULES and not (hidden.is_cuda and torch.cuda.is_current_stream_capturing()):
+            max_rows = plan.max_chunk_rows
+            step = whole_step(max_rows, _CHUNK_STEP)
+            times = _CHUNK_TIMES.setdefault(times_key, {})
+            needed = set(candidate_sizes(n_tokens, max_rows, step, _CHUNK_STEP))
+            missing = sorted(needed.union(round_up(c, _CHUNK_STEP) for c in even) - times.keys())
+            if missing:
+                buf = hidden.new_empty((max_rows, stride))[:, :num_classes]
+                times.update(time_chunk_matmuls(hidden, weight, buf, grad_hidden, missing))
+            _CHUNK_SCHEDULES[key] = chunk_sizes(n_tokens, len(even), max_rows, step,
+                                                lambda c: times[round_up(c, _CHUNK_STEP)], even)
+            log.info("fused op chunks of [%d, %d] @ [%d, %d].T: %s rows (the even split: %s; %d sizes timed now)",
+                     n_tokens, dim, num_classes, dim, _CHUNK_SCHEDULES[key], even, len(missing))
+        sizes = _CHUNK_SCHEDULES.get(key, even)
     if bias is not None or traced:
         return sizes, None
-    return sizes, hidden.new_empty((max(sizes), stride))[:, :num_classes]
-
-
-def _timed_chunk_sizes(hidden: Tensor, weight: Tensor, buf: Tensor, grad_hidden: Tensor, even: list,
-                       max_rows: int) -> list:
-    """chunk_schedule.chunk_sizes on the times of the candidate sizes (and the even split's), measured here."""
-    n_tokens = hidden.shape[0]
-    step = _CHUNK_STEP * _cdiv(max_rows, 48 * _CHUNK_STEP)     # at most ~48 sizes of whole chunks
-    timed = sorted(set(candidate_sizes(n_tokens, max_rows, step)) | set(even))
-    times = time_chunk_matmuls(hidden, weight, buf, grad_hidden, timed)
-    sizes = chunk_sizes(n_tokens, len(even), max_rows, step, times.__getitem__, even)
-    log.info("fused op chunks of [%d, %d] @ [%d, %d].T: %s rows, %.2f ms of logits and grad_hidden "
-             "matmuls (the even split %s: %.2f ms; %d sizes timed)", n_tokens, hidden.shape[1], weight.shape[0],
-             hidden.shape[1], sizes, sum(times[c] for c in sizes), even, sum(times[c] for c in even), len(timed))
-    return sizes
+    if buf is None:
+        buf = hidden.new_empty((max(sizes), stride))[:, :num_classes]
+    return sizes, buf
 
 
 def _fused_chunks(plan, hidden, weight, bias, target, grad_scale, ignore_index, softcap, traced,
