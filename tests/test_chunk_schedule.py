@@ -62,17 +62,17 @@ def test_chunk_sizes_asks_only_timed_sizes(n_rows):
 
 def test_timed_sizes_are_shared_across_token_counts():
     """A run whose token count changes every step: the grid of whole sizes nests (a power-of-two multiple of the
-    unit, at most 48 of them below max_rows), and over 2000 token counts the sizes to time stay a few hundred."""
+    unit, at most 96 of them below max_rows), and over 2000 token counts the sizes to time stay a few hundred."""
     for max_rows in range(64, 40000, 64):
         step = whole_step(max_rows, 64)
-        assert step % 64 == 0 and (step // 64) & (step // 64 - 1) == 0 and max_rows // step <= 48
+        assert step % 64 == 0 and (step // 64) & (step // 64 - 1) == 0 and max_rows // step <= 96
     union = set()
     for n_rows in range(6000, 8000):
         max_rows = (n_rows // 4 + 100) // 64 * 64          # (how the plan's bound grows with N)
         sizes = candidate_sizes(n_rows, max_rows, whole_step(max_rows, 64), 64)
         assert all(c % 64 == 0 and 0 < c <= max_rows for c in sizes)
         union.update(sizes)
-    assert len(union) <= 2000 // 64 + 48, len(union)
+    assert len(union) <= 2000 // 64 + 96, len(union)
 
 
 def test_chunk_sizes_falls_back_when_nothing_fits():

@@ -26,7 +26,7 @@ def round_up(rows: int, unit: int) -> int:
     return -(-rows // unit) * unit
 
 
-def whole_step(max_rows: int, unit: int, most: int = 48) -> int:
+def whole_step(max_rows: int, unit: int, most: int = 96) -> int:
     """The grid of whole chunk sizes: ``unit`` times a power of two, so that at most ~``most`` sizes lie in
     [max_rows / 4, max_rows] and the grids of different token counts nest (their times are shared)."""
     step = unit
