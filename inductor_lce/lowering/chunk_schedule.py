@@ -60,9 +60,9 @@ def chunk_sizes(n_rows: int, n_chunks: int, max_rows: int, step: int, cost: Call
         grown: dict[int, tuple[float, list[int]]] = {}
         for covered, (t, sizes) in best.items():
             for c in whole:
-                rows = covered + c
-                if rows < n_rows and (rows not in grown or t + cost(c) < grown[rows][0]):
-                    grown[rows] = (t + cost(c), sizes + [c])
+                rows, t_c = covered + c, t + cost(c)
+                if rows < n_rows and (rows not in grown or t_c < grown[rows][0]):
+                    grown[rows] = (t_c, sizes + [c])
         best = grown
     options = [(t + cost(n_rows - covered), sizes + [n_rows - covered]) for covered, (t, sizes) in best.items()
                if 0 < n_rows - covered <= max_rows]

@@ -112,8 +112,8 @@ class Settings:
     # the recompute backward's grad_hidden accumulation per V-slab: "tma" (matmul_accumulate_tma.py where TMA
     # applies, else "pointer") | "pointer" (matmul_accumulate.py). bench/NOTES.md 8.16
     grad_hidden_kernel: str = os.environ.get("INDUCTOR_LCE_GRAD_HIDDEN_KERNEL", "tma")
-    # fused op, eager on CUDA without a bias: the chunk sizes timed per shape (the first call) for cuBLAS's
-    # fastest sizes at the plan's chunk count (chunk_schedule.py; bench/NOTES.md 8.18); off: an even split
+    # fused op, eager on CUDA without a bias: the chunk sizes where cuBLAS is fastest at the plan's chunk count,
+    # from sizes timed once per D and V (chunk_schedule.py; bench/NOTES.md 8.18); off: an even split
     fused_chunk_tuning: bool = os.environ.get("INDUCTOR_LCE_FUSED_CHUNK_TUNING", "1") == "1"
 
 
@@ -977,4 +977,4 @@ def _fused_chunks(plan, hidden, weight, bias, target, grad_scale, ignore_index, 
                                a_padded=stride % _chunk_grain() == 0)
         if grad_bias_acc is not None:
             _add_column_sums(grad_bias_acc, logits, traced)
-        del logits, gl_t  # before the next chunk is allocated: one chunk alive at a time
+        del logits, gl_t  # (with a bias / traced, each chunk is allocated: one chunk alive at a time)
