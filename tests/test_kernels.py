@@ -158,17 +158,29 @@ FUSED_CASES = {
     "fused_fp32_state_softcap_ragged": _fused(61, 20, 77, "bfloat16", False, 0.2, -100,
                                               dict(fused_workspace_bytes=77 * 20 * 4 + 16 * 160, fused_state="fp32"),
                                               "fp32", 3.0, "one"),
-    # compensated state (MODE 1, bf16 hi + int8 lo), chosen by "auto": 5, 8, 4 and 5 chunks
+    # compensated state (MODE 1, bf16 hi + int8 lo): 5 chunks (forced: "auto" takes the 4-bit state's 3), 8 (the
+    # 4-bit state would need 5 > _MAX_4BIT_PASSES), fp16 4 (fp16 has no 4-bit state)
     "fused_compensated_bf16_bias_softcap": _fused(37, 48, 83, "bfloat16", True, 0.2, -100,
-                                                  dict(fused_workspace_bytes=83 * 48 + 8 * 192), "compensated", 3.0),
+                                                  dict(fused_workspace_bytes=83 * 48 + 8 * 192,
+                                                       fused_state="compensated"), "compensated", 3.0),
     "fused_compensated_bf16_8_chunks": _fused(64, 32, 100, "bfloat16", False, 0.1, -100,
                                               dict(fused_workspace_bytes=100 * 32 + 8 * 224), "compensated", 0.0,
                                               "one"),
     "fused_compensated_fp16_ignore0": _fused(29, 32, 61, "float16", False, 0.3, 0,
                                              dict(fused_workspace_bytes=61 * 32 + 8 * 128, fused_state="compensated"),
                                              "compensated"),
+    "fused_compensated_fp16_forced_4bit": _fused(29, 32, 61, "float16", False, 0.1, -100,
+                                                 dict(fused_workspace_bytes=61 * 32 + 8 * 128,
+                                                      fused_state="compensated4"), "compensated"),
+    # the 4-bit state (MODE 2, bf16 hi + 4-bit lo), chosen by "auto" where it saves passes: 3 chunks (int8: 5), with
+    # a bias and soft-cap; every token ignored; forced, ragged (D = 22, V = 77, 4 chunks of 16 of 61 rows)
+    "fused_compensated4_bf16_bias_softcap": _fused(37, 48, 83, "bfloat16", True, 0.2, -100,
+                                                   dict(fused_workspace_bytes=83 * 48 + 8 * 192), "compensated4", 3.0),
     "fused_all_ignored_bias": _fused(40, 40, 70, "bfloat16", True, "all", -100,
-                                     dict(fused_workspace_bytes=70 * 40 + 8 * 160), "compensated", 0.0, "one"),
+                                     dict(fused_workspace_bytes=70 * 40 + 8 * 160), "compensated4", 0.0, "one"),
+    "fused_compensated4_forced_ragged": _fused(61, 22, 77, "bfloat16", False, 0.1, 0,
+                                               dict(fused_workspace_bytes=77 * 11 + 16 * 160,
+                                                    fused_state="compensated4"), "compensated4", 0.0, "one"),
     # fp32 weights: grad_weight is the accumulator (Triton MODE 0 with state = output), 3 chunks
     "fused_fp32_bias_in_output": _fused(19, 40, 70, "float32", True, 0.3, -100, dict(fused_workspace_bytes=8 * 320),
                                         "in_output", 0.0, "one"),
@@ -295,7 +307,7 @@ def _grad_weight_kernels_interpreted():
     out = {}
     lce_triton._launch_tma = counting
     try:
-        for state, workspace in (("compensated", 60000), ("fp32", 80000)):
+        for state, workspace in (("compensated", 60000), ("fp32", 80000), ("compensated4", 50000)):
             launches.clear()
             settings = dict(fused_state=state, fused_workspace_bytes=workspace)
             tma, plan = run_fused(inputs, -100, dict(settings, fused_grad_weight_kernel="tma"))
@@ -389,33 +401,40 @@ def _timed_chunks_interpreted():
 
 
 def _state_accumulation_interpreted():
-    """{dtype: (result, exact sum, max |running sum|, plain dtype accumulation)} of 40 MODE 1 (compensated) launches
-    of matmul_accumulate (out [37, 70] += a_i [37, 16] @ b_i [16, 70]) whose products change scale by 2^-6..2^6
-    and whose running sums cross zero and change exponent, the case the bf16 state's carry must get right."""
+    """{(mode, dtype, steps): (result, exact sum, max |running sum|, plain dtype accumulation)} of MODE 1
+    (compensated, 40 launches) and MODE 2 (4 bits, bf16: 40 launches, and 3 launches of the fused op's kind: 3
+    passes, no drift) launches of matmul_accumulate (out [37, 70] += a_i [37, 16] @ b_i [16, 70]). The 40-launch
+    products change scale by 2^-6..2^6 and their running sums cross zero and change exponent, the case the bf16
+    state's carry must get right."""
     import inductor_lce.lowering as L
-    from inductor_lce.lowering import lce_triton
+    from inductor_lce.lowering import lce_triton as I
 
     g = torch.Generator().manual_seed(11)
     out = {}
-    for dtype in (torch.bfloat16, torch.float16):
-        M, K, N, steps = 37, 16, 70, 40
+    runs = [(I.MODE_COMPENSATED, torch.bfloat16, 40), (I.MODE_COMPENSATED, torch.float16, 40),
+            (I.MODE_COMPENSATED4, torch.bfloat16, 40), (I.MODE_COMPENSATED4, torch.bfloat16, 3),
+            (I.MODE_COMPENSATED, torch.bfloat16, 3)]
+    for mode, dtype, steps in runs:
+        M, K, N = 37, 16, 70
         result = torch.zeros(M, N, dtype=dtype)
-        lo = torch.zeros(M, N, dtype=torch.int8)
+        lo = torch.zeros((M, N), dtype=torch.int8) if mode == I.MODE_COMPENSATED else \
+            torch.zeros((M, N // 2), dtype=torch.uint8)
         plain = torch.zeros(M, N, dtype=dtype)
         exact = torch.zeros(M, N, dtype=torch.float64)
         peak = torch.zeros(M, N, dtype=torch.float64)
         for i in range(steps):
-            scale = 2.0 ** int(torch.randint(-6, 7, (1,), generator=g))
+            scale = 2.0 ** int(torch.randint(-6, 7, (1,), generator=g)) if steps > 3 else 1.0
+            drift = (0.5 if i < steps // 2 else -0.5) if steps > 3 else 0.0       # drift, then back
             a = (torch.randn(M, K, generator=g) * scale).to(dtype)
-            b = (torch.randn(K, N, generator=g) + (0.5 if i < steps // 2 else -0.5)).to(dtype)   # drift, then back
+            b = (torch.randn(K, N, generator=g) + drift).to(dtype)
             with L._plain_launches():   # (as inside the op: no wrap_triton tracing dispatch)
-                lce_triton._matmul_accumulate("grad_hidden", a, b, result, lo, mode=lce_triton.MODE_COMPENSATED,
-                                              first=i == 0, last=i == steps - 1, m_key=64, k_key=16)
+                I._matmul_accumulate("grad_hidden", a, b, result, lo, mode=mode, first=i == 0, last=i == steps - 1,
+                                     m_key=64, k_key=16)
             product = a.double() @ b.double()
             exact += product
             peak = torch.maximum(peak, exact.abs())
             plain = (plain.float() + product.float()).to(dtype)
-        out[str(dtype)] = (result, exact, peak, plain)
+        out[(mode, str(dtype), steps)] = (result, exact, peak, plain)
     return out
 
 
@@ -619,7 +638,8 @@ def test_interpreted_fused_timed_chunk_sizes(interpreted):
 
 
 def test_fused_plan():
-    """plan_fused: the workspace rule, the state chosen per case, chunk rows, the recompute fallback."""
+    """plan_fused: the workspace rule, the state chosen per case (the 4-bit state where it saves passes and needs
+    at most _MAX_4BIT_PASSES, and a kernel runs it: four_bit_kernel), chunk rows, the recompute fallback."""
     import inductor_lce.lowering as L
 
     if not L.AVAILABLE:
@@ -645,8 +665,8 @@ def test_fused_plan():
         if plan.state_mode == "one_chunk":
             assert N * stride * 2 <= ws and plan.chunk_rows == N
             continue
-        assert plan.state_mode in ("fp32", "compensated"), plan
-        state_bytes = V * D * (4 if plan.state_mode == "fp32" else 1)
+        assert plan.state_mode in ("fp32", "compensated", "compensated4"), plan
+        state_bytes = {"fp32": V * D * 4, "compensated": V * D, "compensated4": V * D // 2}[plan.state_mode]
         assert plan.workspace_bytes == state_bytes + plan.max_chunk_rows * stride * 2
         assert plan.chunk_rows % 128 == 0 and plan.chunk_rows < N
         # the timed chunk sizes' bound: the most rows that fit, a multiple of 64, no fewer chunks than the even split
@@ -660,12 +680,26 @@ def test_fused_plan():
         # need fewer of them
         fp32_rows = (ws - V * D * 4) // (stride * 2) // 128 * 128
         comp_rows = (ws - V * D) // (stride * 2) // 128 * 128
+        comp4_chunks = -(-N // ((ws - V * D // 2) // (stride * 2) // 128 * 128))
         fp32_wins = fp32_rows >= min(N, 1024) and -(-N // fp32_rows) <= -(-N // comp_rows)
+        comp4_wins = not fp32_wins and comp4_chunks < -(-N // comp_rows) and comp4_chunks <= I._MAX_4BIT_PASSES
         assert (plan.state_mode == "fp32") == fp32_wins, plan
+        assert (plan.state_mode == "compensated4") == comp4_wins, plan
+        without = I.plan_fused(N, D, V, bf16, state="auto", four_bit_kernel=False)   # (no kernel for it: int8)
+        assert without.state_mode == ("compensated" if comp4_wins else plan.state_mode), without
     # the benchmark shapes: 8192 x 2304 x 256000 cannot keep an fp32 state in half its logits; 16384 x 2048 x 32000
     # can (5 chunks), but the compensated state takes 3
     assert I.plan_fused(8192, 2304, 256000, bf16).state_mode == "compensated"
     assert I.plan_fused(16384, 2048, 32000, bf16).state_mode == "compensated"
+    # 8192 x 4096 x 128256 and the e2e shape 4096 x 2048 x 128256: the int8 state leaves room for 5 chunks, the
+    # 4-bit one for 3 (bench/NOTES.md 8.20); fp16 has no 4-bit state
+    for N, D, V in ((8192, 4096, 128256), (4096, 2048, 128256)):
+        p = I.plan_fused(N, D, V, bf16)
+        assert p.state_mode == "compensated4" and -(-N // p.chunk_rows) == 3, p
+        assert -(-N // I.plan_fused(N, D, V, bf16, state="compensated").chunk_rows) == 5
+        assert I.plan_fused(N, D, V, torch.float16).state_mode == "compensated"
+        assert I.plan_fused(N, D, V, torch.float16, state="compensated4").state_mode == "compensated"
+    assert I.plan_fused(8192, 4095, 128256, bf16, state="compensated4").state_mode == "compensated"   # odd D
     assert -(-16384 // I.plan_fused(16384, 2048, 32000, bf16).chunk_rows) == 3
     assert I.plan_fused(16384, 2048, 32000, bf16, state="fp32").state_mode == "fp32"
     # one chunk when all rows fit; the state is forced; fp32 weights accumulate in grad_weight
@@ -779,18 +813,27 @@ def test_interpreted_grad_hidden_tma_matches_pointer_kernel(interpreted):
 
 
 def test_interpreted_compensated_state_accumulates_exactly(interpreted):
-    """matmul_accumulate MODE 1 over 40 launches (bf16: the fp32 bits rounded to 24, hi:lo; fp16: hi + lo * unit):
-    each launch rounds the running sum to 2^-16 relative, so the result is the exact sum rounded once to the dtype,
-    give or take 40 * 2^-16 of the largest running sum (which is up to 1400x the final one here); plain dtype
-    accumulation, the contrast, is 3-4x further off."""
-    for dtype, (result, exact, peak, plain) in interpreted["__state_accumulation__"].items():
+    """matmul_accumulate MODE 1 (bf16: the fp32 bits rounded to 24, hi:lo; fp16: hi + lo * unit) and MODE 2 (bf16:
+    rounded to 20 bits, a 4-bit lo): each launch rounds the running sum to 2^-16 (MODE 2: 2^-12) relative, so the
+    result is the exact sum rounded once to the dtype, give or take steps * that of the largest running sum, on
+    every element. Over 40 launches whose running sums reach 1400x the final one, MODE 1 is as close as one
+    rounding and plain dtype accumulation 3-4x further off; MODE 2 within its bound only (it is for few passes).
+    Over 3 launches without drift (the fused op's passes: lce_triton._MAX_4BIT_PASSES), MODE 2 is within 2% of one
+    rounding (measured 1.001x)."""
+    from inductor_lce.lowering import lce_triton as I
+
+    for (mode, dtype, steps), (result, exact, peak, plain) in interpreted["__state_accumulation__"].items():
         ulp = torch.finfo(result.dtype).eps * exact.abs().clamp_min(torch.finfo(result.dtype).tiny)
-        bound = ulp / 2 + 40 * 2.0 ** -16 * peak
+        step_rounding = 2.0 ** -16 if mode == I.MODE_COMPENSATED else 2.0 ** -12
+        bound = ulp / 2 + steps * step_rounding * peak
         err = (result.double() - exact).abs()
-        assert (err <= bound).all(), (dtype, (err - bound).max())
+        assert (err <= bound).all(), (mode, dtype, steps, (err - bound).max())
         once = rel(exact.to(result.dtype), exact)   # the exact sum rounded once: measured equal to 4 digits
-        assert rel(result, exact) <= 1.01 * once and rel(plain, exact) >= 2 * once, (
-            dtype, rel(result, exact), once, rel(plain, exact))
+        if mode == I.MODE_COMPENSATED and steps == 40:
+            assert rel(result, exact) <= 1.01 * once and rel(plain, exact) >= 2 * once, (
+                mode, dtype, rel(result, exact), once, rel(plain, exact))
+        elif steps == 3:
+            assert rel(result, exact) <= 1.02 * once, (mode, dtype, rel(result, exact), once, rel(plain, exact))
 
 
 def test_interpreted_tanh_accuracy(interpreted):
@@ -887,6 +930,7 @@ def _sm90_builds():
     plain = dict(HAS_SOFTCAP=False)  # what softcap=0 launches: the soft-cap code is compiled out
     capped = dict(HAS_SOFTCAP=True)
     i8, f32 = ({"state_ptr": "*i8", "lo_ptr": "*i8"}, {"state_ptr": "*fp32", "lo_ptr": "*fp32"})
+    u8 = {"state_ptr": "*u8", "lo_ptr": "*u8"}      # MODE 2: the 4-bit state, two values a byte
     as_gh = dict(stride_ak=1, stride_bn=1, GROUP_M=8, **common)   # A = grad_logits slab [N, slab], row-major
     as_gw = dict(stride_am=1, stride_bn=1, GROUP_M=8, **common)   # A = grad_logits chunk.T [V, rows], M-major
     even = dict(EVEN_M=True, EVEN_N=True, EVEN_K=True)
@@ -910,6 +954,7 @@ def _sm90_builds():
     ]
     for c in configs("grad_weight"):  # the heaviest epilogues (state read and written) of each config
         builds += [("matmul_accumulate", dict(MODE=1, FIRST=False, LAST=False, **even, **as_gw, **blk(c)), c, True, i8),
+                   ("matmul_accumulate", dict(MODE=2, FIRST=False, LAST=False, **even, **as_gw, **blk(c)), c, True, u8),
                    ("matmul_accumulate", dict(MODE=0, FIRST=False, LAST=False, **even, **as_gw, **blk(c)), c, True,
                     f32)]
     builds.append(("matmul_accumulate", dict(MODE=1, FIRST=True, LAST=False, EVEN_M=False, EVEN_N=False,
@@ -922,7 +967,7 @@ def _sm90_builds():
             a_box = (kw["BLOCK_M"], kw["BLOCK_K"]) if k_major else (kw["BLOCK_K"], kw["BLOCK_M"])
             descs = {"a_desc": "tensordesc<bf16[{},{}]>".format(*a_box),
                      "b_desc": f"tensordesc<bf16[{kw['BLOCK_K']},{kw['BLOCK_N']}]>"}
-            for mode, state in ((1, i8), (0, f32)):
+            for mode, state in ((1, i8), (0, f32), (2, u8)):
                 if c not in fitting_configs(configs("grad_weight_tma"), {}, MODE=mode):   # (pruned in that mode)
                     continue
                 builds.append(("matmul_accumulate_tma", dict(MODE=mode, FIRST=False, LAST=False, GROUP_M=8,
@@ -937,7 +982,8 @@ def _sm90_builds():
 def test_kernels_build_for_hopper_offline():
     """Each kernel compiles for sm_90 (Triton front end, TTGIR, PTX, ptxas) without a GPU and the GEMM kernels use
     wgmma: catches errors the interpreter does not (e.g. non-constexpr globals, an fp64 softcap promoting
-    loop-carried values); and the kernels of the default paths do not spill registers."""
+    loop-carried values); and the kernels of the default paths do not spill registers (the 4-bit state's do: not
+    a default path on sm_90, where the Gluon kernel runs it)."""
     pytest.importorskip("triton")
     import importlib
 
@@ -959,8 +1005,10 @@ def test_kernels_build_for_hopper_offline():
             assert "cp.async.bulk.tensor" in kernel.asm["ptx"], name           # TMA loads
             assert kernel.metadata.shared <= 227 * 1024, (name, const, kernel.metadata.shared)  # sm_90's limit
         report = ptxas_report(kernel)
-        # (grad_logits, the opt-in Settings.grad_logits="fused" variant, spills at 128x256: 0.7-3 KB, as before)
-        assert report["spill_bytes"] == 0 or name == "grad_logits", (name, const, report)
+        # (grad_logits, the opt-in Settings.grad_logits="fused" variant, spills at 128x256: 0.7-3 KB, as before; so
+        # do the Triton kernels' 4-bit state (MODE 2): 0.7-2.6 KB, which is why "auto" takes that state only where
+        # the Gluon kernel runs it, lce_triton._four_bit_kernel)
+        assert report["spill_bytes"] == 0 or name == "grad_logits" or const.get("MODE") == 2, (name, const, report)
 
 
 def test_gluon_kernels_build_for_hopper_offline():
@@ -986,7 +1034,8 @@ def test_gluon_kernels_build_for_hopper_offline():
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         descs = {name: f"tensordesc<bf16[{bk},{w}],{gl.NVMMASharedLayout.get_default_for([bk, w], gl.bfloat16)!r}>"
                  for name, w in (("a_t_desc", bm), ("b_desc", bn))}
-        for mode, first, last, state in ((1, False, False, "*i8"), (0, False, True, "*fp32"), (1, True, False, "*i8")):
+        for mode, first, last, state in ((1, False, False, "*i8"), (0, False, True, "*fp32"), (1, True, False, "*i8"),
+                                         (2, False, False, "*u8")):
             kernel = compile_sm90(W.matmul_accumulate_wgmma_kernel_jit,
                                   dict(MODE=mode, FIRST=first, LAST=last, GROUP_M=8, NUM_SMS=132, **cfg["constexprs"]),
                                   4, 1, ptr_types=dict(descs, state_ptr=state, lo_ptr=state), maxnreg=cfg["maxnreg"])
@@ -1096,6 +1145,15 @@ _FUSED_GPU_PLANS = [
     ("compensated", dict(fused_workspace_bytes=30 * _MIB, fused_grad_weight_kernel="wgmma")),
     ("compensated", dict(fused_workspace_bytes=30 * _MIB, fused_grad_weight_kernel="cooperative")),
     ("fp32", dict(fused_workspace_bytes=100 * _MIB, fused_fp32_gemm="triton", fused_grad_weight_kernel="wgmma")),
+    # the 4-bit state (MODE 2): chosen by "auto" where it saves a pass (4 chunks of 768 rows; int8: 5 of 640),
+    # forced with 24 chunks, and by each kernel that runs it (the Triton ones: correct, though they spill)
+    ("compensated4", dict(fused_workspace_bytes=int(36.5 * _MIB))),
+    ("compensated4", dict(fused_workspace_bytes=int(36.5 * _MIB), fused_grad_weight_kernel="wgmma")),
+    ("compensated4", dict(fused_workspace_bytes=int(36.5 * _MIB), fused_grad_weight_kernel="tma",
+                          fused_state="compensated4")),
+    ("compensated4", dict(fused_workspace_bytes=int(36.5 * _MIB), fused_grad_weight_kernel="pointer",
+                          fused_state="compensated4")),
+    ("compensated4", dict(fused_workspace_bytes=11 * _MIB, fused_state="compensated4")),
 ]
 
 
@@ -1131,6 +1189,7 @@ def test_cuda_fused_matches_reference(plan, settings, softcap, bias):
 
 @cuda
 @pytest.mark.parametrize("kernel,state,workspace", [("wgmma", "compensated", 30 * _MIB), ("wgmma", "fp32", 100 * _MIB),
+                                                    ("wgmma", "compensated4", 30 * _MIB),
                                                     ("cooperative", "compensated", 30 * _MIB),
                                                     ("cooperative", "fp32", 100 * _MIB)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -1138,14 +1197,17 @@ def test_cuda_grad_weight_gluon_kernels(kernel, state, workspace, dtype):
     """The Gluon kernels on sm_90 (matmul_accumulate_wgmma.py, matmul_accumulate_cooperative.py): every
     accumulation of a multi-chunk plan, ragged in every dim (V = 20000 and D = 528 are not multiples of the tiles,
     the last chunk's 440 rows not of BLOCK_K), launches the forced kernel (cooperative: the compensated state only;
-    with an fp32 state the TMA kernel runs), and the outputs match the reference and the TMA Triton kernel's (one
+    with an fp32 state the TMA kernel runs; the 4-bit state is bf16 only: int8 for fp16), and the outputs match the reference and the TMA Triton kernel's (one
     ulp of grad_weight apart at most: the K sums run in another order)."""
     from inductor_lce.lowering import lce_triton
 
     if torch.cuda.get_device_capability() != (9, 0) or lce_triton.wgmma_kernel is None:
         pytest.skip("the Gluon kernels run on sm_90 with Gluon's Hopper API")
     inputs = fused_inputs(3000, 528, 20000, dtype, False, 0.1, -100, "mean", device="cuda")
-    settings = dict(fused_workspace_bytes=workspace, fused_fp32_gemm="triton")
+    settings = dict(fused_workspace_bytes=workspace, fused_fp32_gemm="triton", fused_state="auto")
+    if state == "compensated4":
+        settings["fused_state"] = state
+        state = state if dtype == torch.bfloat16 else "compensated"
     launches = []
     orig = lce_triton._launch_gluon
 
@@ -1162,8 +1224,8 @@ def test_cuda_grad_weight_gluon_kernels(kernel, state, workspace, dtype):
         lce_triton._launch_gluon = orig
     runs = not (kernel == "cooperative" and state == "fp32")
     assert state_mode == state and len(launches) == n_gluon, launches
-    assert launches == ([(kernel, 1 if state == "compensated" else 0)] * -(-3000 // chunk_rows) if runs else []), \
-        launches
+    mode = {"fp32": 0, "compensated": 1, "compensated4": 2}[state]
+    assert launches == ([(kernel, mode)] * -(-3000 // chunk_rows) if runs else []), launches
     check_fused_outputs(got, inputs, -100, f"{kernel} {state} {dtype}")
     loss, _, grad_hidden, grad_weight = got[:4]
     assert torch.equal(loss, tma[0]) and torch.equal(grad_hidden, tma[2])   # (not computed by this kernel)
@@ -1281,7 +1343,8 @@ def test_cuda_fused_timed_chunk_sizes_across_token_counts():
     reuses the first one's timed sizes (each size is timed once per D and V)."""
     from inductor_lce.lowering import lce_triton
 
-    settings = dict(fused_workspace_bytes=int(39.1 * _MIB), fused_chunk_tuning=True)   # 5 chunks of <= 704 rows
+    settings = dict(fused_workspace_bytes=int(39.1 * _MIB), fused_chunk_tuning=True,   # 5 chunks of <= 704 rows
+                    fused_state="compensated")   # ("auto" takes the 4-bit state's 4 chunks here)
     lce_triton._CHUNK_TIMES.clear()
     lce_triton._CHUNK_SCHEDULES.clear()
     timed = []

@@ -24,6 +24,13 @@ The running sum over launches lives in one of two states (MODE):
     of hi / 2^7, a power of two read off hi's exponent bits (so both scalings are exact multiplications):
     |total - hi| <= half an ulp, so lo keeps 7 more bits than the dtype.
   Either way each launch rounds the running sum to 2^-16 (bf16) / 2^-18 (fp16) relative, 2^7 below the dtype's.
+* MODE 2 (compensated, 4 bits; bf16 only): half a byte per element, so that the fused op's chunks get more room
+  (fewer passes over the state, bench/NOTES.md 8.20): as MODE 1's bf16 form with lo the next 4 bits (hi:lo:000,
+  a 12-bit significand: r = bits(total) + 0x800, hi = r >> 16, lo = (r >> 12) & 0xF), two per byte in a uint8
+  [M, N / 2] buffer (N even; column 2j in the low half of byte j, 2j + 1 in the high half; row stride
+  ``stride_state``). Each launch rounds the running sum to 2^-12 relative, 2^3 below bf16's own rounding: over
+  the few launches the host allows it (lce_triton._MAX_4BIT_PASSES) the result stays within a few % of one
+  rounding of the exact sum.
   Plain dtype accumulation over S launches would add ~sqrt(S) roundings of the running sum (1e-2 relative
   error at S = 64 in bf16, measured; see bench/NOTES.md).
 
@@ -77,37 +84,65 @@ def _tile_ptrs(ptr, row0, local_rows, cols, stride):
 
 
 @triton.jit
-def load_state(out_ptrs, state_ptrs, lo_ptrs, mask, MODE: tl.constexpr):
-    """The running state of a tile: MODE 0 (fp32 state, fp32 state), MODE 1 (hi, lo)."""
+def lo_offsets(cols, stride_out, stride_state, MODE: tl.constexpr):
+    """(column offsets, row stride) of lo for out's columns ``cols``: MODE 1 out's own; MODE 2 the byte cols // 2
+    of lo's rows (stride_state)."""
+    if MODE == 2:
+        return cols // 2, stride_state
+    return cols, stride_out
+
+
+@triton.jit
+def _pairs(x):
+    """[R, W] -> its even and its odd columns, each [R, W // 2] (the two halves of MODE 2's bytes)."""
+    return tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
+
+
+@triton.jit
+def load_state(out_ptrs, state_ptrs, lo_ptrs, mask, cols, MODE: tl.constexpr):
+    """The running state of a tile of out's columns ``cols``: MODE 0 (fp32 state, fp32 state), MODE 1 (hi, lo),
+    MODE 2 (hi, lo: one uint8 4-bit value per element; lo_ptrs point each element at its byte, read once per
+    element: no reshape, whose layout changes cost the wide tiles spills)."""
     if MODE == 0:
         prev_a = tl.load(state_ptrs, mask=mask, other=0.0)
         prev_b = prev_a
-    else:
+    elif MODE == 1:
         prev_a = tl.load(out_ptrs, mask=mask, other=0.0)
         prev_b = tl.load(lo_ptrs, mask=mask, other=0)
+    else:
+        prev_a = tl.load(out_ptrs, mask=mask, other=0.0)
+        byte = tl.load(lo_ptrs, mask=mask, other=0).to(tl.uint8, bitcast=True)
+        prev_b = (byte >> ((cols[None, :] & 1) * 4).to(tl.uint8)) & 0xF
     return prev_a, prev_b
 
 
 @triton.jit
 def store_state(out_ptrs, state_ptrs, lo_ptrs, a, b, mask, MODE: tl.constexpr, LAST: tl.constexpr):
-    """Stores fold's (a, b): MODE 0: a into the fp32 state, or into out when LAST; MODE 1: hi a into out and,
-    unless LAST, lo b."""
+    """Stores fold's (a, b): MODE 0: a into the fp32 state, or into out when LAST; MODE 1 / 2: hi a into out and,
+    unless LAST, lo b (MODE 2: two per byte)."""
     if MODE == 0:
         tl.store(out_ptrs if LAST else state_ptrs, a, mask=mask)
     else:
         tl.store(out_ptrs, a, mask=mask)
         if not LAST:
-            tl.store(lo_ptrs, b, mask=mask)
+            if MODE == 1:
+                tl.store(lo_ptrs, b, mask=mask)
+            else:
+                lo_even, lo_odd = _pairs(b)
+                byte_ptrs, _ = _pairs(lo_ptrs)
+                byte_mask, _ = _pairs(mask)
+                tl.store(byte_ptrs, lo_even | (lo_odd << 4), mask=byte_mask)
 
 
 @triton.jit
 def fold(acc, prev_a, prev_b, out_dtype: tl.constexpr, MODE: tl.constexpr, FIRST: tl.constexpr,
          LAST: tl.constexpr, EMULATE: tl.constexpr):
     """The state update of one tile, values only (the callers load and store): acc (fp32) folded into the
-    previous state (prev_a, prev_b) = MODE 0: (fp32 state, unused), MODE 1: (hi, lo); both unused when FIRST.
+    previous state (prev_a, prev_b) = MODE 0: (fp32 state, unused), MODE 1 / 2: (hi, lo); both unused when FIRST.
     Returns (a, b): MODE 0: a = the new fp32 state, or out's value (out_dtype) when LAST; b unused.
     MODE 1: a = the new hi (out_dtype), b = the new lo (int8; unused when LAST); bf16: the bits of the state
-    rounded to 24 bits, fp16: hi + lo * unit(hi) (module docstring)."""
+    rounded to 24 bits, fp16: hi + lo * unit(hi); MODE 2 (bf16): rounded to 20 bits, lo uint8 in [0, 16)
+    (module docstring)."""
     total = acc
     if MODE == 0:
         if not FIRST:
@@ -117,18 +152,23 @@ def fold(acc, prev_a, prev_b, out_dtype: tl.constexpr, MODE: tl.constexpr, FIRST
             a = round_to(total, out_dtype, EMULATE)
         b = a
     elif out_dtype == tl.bfloat16:
-        if not FIRST:   # hi:lo:00, the state's fp32 bits
+        # MODE 1: hi:lo:00 (lo 8 bits), MODE 2: hi:lo:000 (lo 4 bits), the state's fp32 bits
+        LO_SHIFT: tl.constexpr = 8 if MODE == 1 else 12
+        if not FIRST:
             bits = (prev_a.to(tl.uint16, bitcast=True).to(tl.uint32) << 16) | (
-                prev_b.to(tl.uint8, bitcast=True).to(tl.uint32) << 8)
+                prev_b.to(tl.uint8, bitcast=True).to(tl.uint32) << LO_SHIFT)
             total += bits.to(tl.float32, bitcast=True)
         if LAST:
             a = round_to(total, out_dtype, EMULATE)
             b = a
         else:
-            rounded = total.to(tl.uint32, bitcast=True) + 0x80
+            rounded = total.to(tl.uint32, bitcast=True) + (1 << (LO_SHIFT - 1))
             a = (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-            b = ((rounded >> 8) & 0xFF).to(tl.uint8).to(tl.int8, bitcast=True)
+            b = ((rounded >> LO_SHIFT) & ((1 << (16 - LO_SHIFT)) - 1)).to(tl.uint8)
+            if MODE == 1:
+                b = b.to(tl.int8, bitcast=True)
     else:
+        tl.static_assert(MODE == 1, "MODE 2 (the 4-bit state) is bf16 only")
         if not FIRST:
             unit, _ = lo_unit(prev_a)
             total += prev_a.to(tl.float32) + prev_b.to(tl.float32) * unit
@@ -151,9 +191,10 @@ def _epilogue(acc, prev_a, prev_b, out_ptr, state_ptr, lo_ptr, row0, local_rows,
     mask = row_ok[:, None] & (cols < N)[None, :]
     out_ptrs = _tile_ptrs(out_ptr, row0, local_rows, cols, stride_out)
     state_ptrs = _tile_ptrs(state_ptr, row0, local_rows, cols, stride_state)
-    lo_ptrs = _tile_ptrs(lo_ptr, row0, local_rows, cols, stride_out)     # lo is [M, N] with out's strides
+    lo_cols, stride_lo = lo_offsets(cols, stride_out, stride_state, MODE)    # MODE 1: out's strides, 2: bytes
+    lo_ptrs = _tile_ptrs(lo_ptr, row0, local_rows, lo_cols, stride_lo)
     if not FIRST and not HAVE_PREV:
-        prev_a, prev_b = load_state(out_ptrs, state_ptrs, lo_ptrs, mask, MODE)
+        prev_a, prev_b = load_state(out_ptrs, state_ptrs, lo_ptrs, mask, cols, MODE)
     a, b = fold(acc, prev_a, prev_b, out_ptr.dtype.element_ty, MODE, FIRST, LAST, EMULATE)
     store_state(out_ptrs, state_ptrs, lo_ptrs, a, b, mask, MODE, LAST)
 
@@ -180,7 +221,8 @@ def fold_tile(acc, prev_a, prev_b, out_ptr, state_ptr, lo_ptr, row0, local_rows,
 @triton.jit
 def matmul_accumulate_kernel_jit(
     a_ptr, b_ptr,                                      # A [M, K], B [K, N] (strides below)
-    state_ptr, lo_ptr, out_ptr,                        # MODE 0: fp32 [M, N]; MODE 1: int8 [M, N] (out's strides); out
+    state_ptr, lo_ptr, out_ptr,                        # MODE 0: fp32 [M, N]; 1: int8 [M, N] (out's strides); 2: uint8
+                                                       # [M, N / 2] (rows stride_state); out
     M, N, K, m_bucket, k_bucket,                       # (m_bucket, k_bucket: autotuning keys only)
     stride_am, stride_ak, stride_bk, stride_bn, stride_state, stride_out,
     MODE: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
@@ -210,9 +252,10 @@ def matmul_accumulate_kernel_jit(
     prev_b = 0.0
     if PREFETCH and not FIRST:
         mask = row_ok[:, None] & col_ok[None, :]
+        lo_cols, stride_lo = lo_offsets(cols, stride_out, stride_state, MODE)
         prev_a, prev_b = load_state(_tile_ptrs(out_ptr, row0, local_rows, cols, stride_out),
                                      _tile_ptrs(state_ptr, row0, local_rows, cols, stride_state),
-                                     _tile_ptrs(lo_ptr, row0, local_rows, cols, stride_out), mask, MODE)
+                                     _tile_ptrs(lo_ptr, row0, local_rows, lo_cols, stride_lo), mask, cols, MODE)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):

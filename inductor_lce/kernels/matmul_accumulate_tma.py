@@ -3,7 +3,8 @@ for its two users: the fused op's grad_weight (A = the grad_logits chunk transpo
 and the recompute backward's grad_hidden (A = the grad_logits slab, M = N tokens, K = slab classes, N = D).
 
     acc[m, n] = sum_k A[m, k] * B[k, n]          # [BLOCK_M, BLOCK_N] tile by tl.dot, fp32
-    then matmul_accumulate.py's epilogue: MODE 0 (fp32 state) / MODE 1 (compensated hi + int8 lo), FIRST / LAST
+    then matmul_accumulate.py's epilogue: MODE 0 (fp32 state) / MODE 1 (compensated hi + int8 lo) / MODE 2 (hi +
+    4-bit lo), FIRST / LAST
 
 What differs from matmul_accumulate.py:
 * operands through host-side TMA descriptors: A either as the row-major [K, M] tensor it is the transpose of
@@ -30,7 +31,7 @@ from .matmul_accumulate import fold_tile
 @triton.jit
 def matmul_accumulate_tma_kernel_jit(
     a_desc, b_desc,                                    # A^T [K, M] (A [M, K] if A_K_MAJOR), B [K, N]: row-major, TMA
-    state_ptr, lo_ptr, out_ptr,                        # MODE 0: fp32 [M, N]; MODE 1: int8 [M, N] (out's strides); out
+    state_ptr, lo_ptr, out_ptr,                        # as matmul_accumulate.py (MODE 0 / 1 / 2)
     M, N, K, m_bucket, k_bucket,                       # (m_bucket, k_bucket: autotuning keys only)
     stride_state, stride_out,
     MODE: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,

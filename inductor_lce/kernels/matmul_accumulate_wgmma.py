@@ -3,7 +3,7 @@ grad_weight (A = the grad_logits chunk transposed, M = V, K = chunk rows, N = D)
 
     acc[m, n] = sum_k A[m, k] * B[k, n]      # [BLOCK_M, BLOCK_N] tile, fp32, by wgmma from shared memory
     then matmul_accumulate's load_state / fold / store_state: MODE 0 (fp32 state) / MODE 1 (compensated
-    hi + int8 lo), FIRST / LAST
+    hi + int8 lo) / MODE 2 (hi + 4-bit lo), FIRST / LAST
 
 Why a Gluon kernel: the epilogue reads and writes the state (6 bytes per element of out in MODE 1). In the
 Triton kernels the same warps run the K loop and the epilogue, so the tensor cores idle during that traffic
@@ -45,7 +45,7 @@ except ImportError:   # (triton without Gluon's Hopper API)
 from ._config import configs
 from ._gluon import acquire_slot, ready_slot
 from ._grid import grouped_tile_of
-from .matmul_accumulate import fold, load_state, store_state
+from .matmul_accumulate import fold, lo_offsets, load_state, store_state
 
 if gluon is not None:
 
@@ -122,12 +122,13 @@ if gluon is not None:
             mask = (rows < M)[:, None] & (cols < N)[None, :]
             row_base = rows.to(gl.int64)[:, None]
             out_ptrs = out_ptr + (row_base * stride_out + cols[None, :])
-            lo_ptrs = lo_ptr + (row_base * stride_out + cols[None, :])        # lo: [M, N] with out's strides
+            lo_cols, stride_lo = lo_offsets(cols, stride_out, stride_state, MODE)   # MODE 1: out's strides; 2: bytes
+            lo_ptrs = lo_ptr + (row_base * stride_lo + lo_cols[None, :])
             state_ptrs = state_ptr + (row_base * stride_state + cols[None, :])
             prev_a = 0.0
             prev_b = 0.0
             if not FIRST:
-                prev_a, prev_b = load_state(out_ptrs, state_ptrs, lo_ptrs, mask, MODE)
+                prev_a, prev_b = load_state(out_ptrs, state_ptrs, lo_ptrs, mask, cols, MODE)
             new_a, new_b = fold(acc, prev_a, prev_b, out_ptr.dtype.element_ty, MODE, FIRST, LAST, False)
             store_state(out_ptrs, state_ptrs, lo_ptrs, new_a, new_b, mask, MODE, LAST)
 

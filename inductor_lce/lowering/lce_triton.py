@@ -95,7 +95,8 @@ class Settings:
     # that default's fraction of one [N, V] logits tensor (plain torch.compile keeps about one): < 0.5 keeps the
     # op under half of plain compile's memory; larger, fewer chunks (fewer passes over the grad_weight state)
     fused_workspace_fraction: float = float(os.environ.get("INDUCTOR_LCE_FUSED_WORKSPACE_FRACTION", "0.49"))
-    fused_state: str = os.environ.get("INDUCTOR_LCE_FUSED_STATE", "auto")             # auto | fp32 | compensated
+    # auto | fp32 | compensated (int8) | compensated4 (4 bits; bf16, even D; else as compensated): plan_fused
+    fused_state: str = os.environ.get("INDUCTOR_LCE_FUSED_STATE", "auto")
     # fp32 grad_weight accumulation (fp32 state, fp32 weights) on CUDA: cuBLAS (aten::addmm.dtype_out, where this
     # torch has it and it works) or the Triton matmul_accumulate kernel
     fused_fp32_gemm: str = os.environ.get("INDUCTOR_LCE_FUSED_FP32_GEMM", "cublas")   # cublas | triton
@@ -120,7 +121,7 @@ class Settings:
 SETTINGS = Settings()
 log = logging.getLogger("inductor_lce")
 
-MODE_FP32, MODE_COMPENSATED = 0, 1
+MODE_FP32, MODE_COMPENSATED, MODE_COMPENSATED4 = 0, 1, 2     # matmul_accumulate.py's MODE
 _GROUP_M = 8
 # Column granularity of forward V-splits and of backward slabs (partial tiles are masked)
 _GRAIN = 32 if INTERPRET else 256
@@ -414,7 +415,8 @@ def _tuning_split(key: tuple, rows: int, head: int, traced: bool) -> list:
 def _matmul_accumulate(use: str, a: Tensor, b: Tensor, out: Tensor, state: Tensor, *, mode: int, first: bool,
                        last: bool, m_key: int, k_key: int, a_padded: bool = False, traced: bool = False) -> None:
     """out (+)= a @ b through the running ``state`` (matmul_accumulate.py): a [M, K], b [K, N], any strides;
-    state: fp32 [M, N] (MODE_FP32; may be out itself) or int8 [M, N] with out's strides (MODE_COMPENSATED).
+    state: fp32 [M, N] (MODE_FP32; may be out itself), int8 [M, N] with out's strides (MODE_COMPENSATED) or uint8
+    [M, N / 2], two 4-bit values a byte (MODE_COMPENSATED4, bf16 out).
     ``use`` ("grad_hidden" / "grad_weight") picks the kernel setting (_KERNELS) and the pointer kernel's config
     table (both uses share the TMA kernel's); m_key / k_key are the autotuning keys, the same for every launch of
     a loop.
@@ -499,6 +501,18 @@ def _gluon_configs(a: Tensor, state: Tensor, out: Tensor, mode: int) -> tuple:
     if setting in ("auto", "wgmma") and wgmma_kernel is not None:
         found += wgmma_configs()
     return found
+
+
+def _four_bit_kernel(hidden: Tensor, traced: bool) -> bool:
+    """Whether the fused op's grad_weight accumulation runs the 4-bit state (MODE 2) in a kernel whose epilogue
+    keeps it in registers: matmul_accumulate_wgmma.py (Gluon, sm_90, eager) among the timed candidates; the
+    interpreter too (CI tests the rule). The Triton kernels' compiled epilogues re-layout the packed bytes and spill
+    (0.7-2.6 KB at 128 x 256: the offline build), so elsewhere "auto" keeps the int8 state."""
+    if INTERPRET:
+        return True
+    return (not traced and hidden.is_cuda and wgmma_kernel is not None and TensorDescriptor is not None
+            and _capability(str(hidden.device)) == (9, 0)
+            and SETTINGS.fused_grad_weight_kernel in ("auto", "wgmma"))
 
 
 # {(N, m_key, k_key, dtypes, mode): None (matmul_accumulate_tma.py) or a Gluon config (_gluon_configs)}
@@ -672,18 +686,24 @@ ONE_CHUNK = "one_chunk"        # all N rows in one chunk: one cuBLAS matmul writ
 IN_OUTPUT = "in_output"        # fp32 weights: grad_weight itself is the fp32 accumulator
 FP32_STATE = "fp32"            # an fp32 [V, D] state (4 B per element)
 COMPENSATED = "compensated"    # grad_weight (hi) + an int8 [V, D] residual (1 B per element), matmul_accumulate MODE 1
+COMPENSATED4 = "compensated4"  # bf16 grad_weight (hi) + a 4-bit residual, uint8 [V, D / 2] (MODE 2)
 RECOMPUTE = "recompute"        # not even COMPENSATED + a minimal chunk fits: lce_forward + lce_backward instead
 
+_STATE_MODES = {IN_OUTPUT: MODE_FP32, FP32_STATE: MODE_FP32, COMPENSATED: MODE_COMPENSATED,
+                COMPENSATED4: MODE_COMPENSATED4}   # the plan's state -> matmul_accumulate's MODE
 _MIN_FUSED_WORKSPACE = 64 * 2**20
 _FUSED_ROW_GRAIN = 8 if INTERPRET else 128   # chunk rows are a multiple of it (the last chunk ragged)
 _CHUNK_STEP = 8 if INTERPRET else 64         # timed chunk sizes are multiples of it (chunk_schedule.py)
 _FP32_STATE_MIN_ROWS = 1024                  # "auto" takes the fp32 state only beside chunks of >= min(N, this) rows
+# "auto" takes the 4-bit state only where it saves a pass and needs at most this many: each pass but the last rounds
+# the running sum to 2^-12 relative (bf16's own rounding: 2^-8), so at most 3 such roundings (NOTES 8.20)
+_MAX_4BIT_PASSES = 4
 
 
 @dataclass(frozen=True)
 class FusedPlan:
     chunk_rows: int        # tokens per chunk (the last one may be shorter); 0 with RECOMPUTE
-    state_mode: str        # ONE_CHUNK | IN_OUTPUT | FP32_STATE | COMPENSATED | RECOMPUTE
+    state_mode: str        # ONE_CHUNK | IN_OUTPUT | FP32_STATE | COMPENSATED | COMPENSATED4 | RECOMPUTE
     workspace_bytes: int   # state + the largest chunk of logits (+ traced temporaries); RECOMPUTE: plan_backward's
     max_chunk_rows: int = 0  # the most rows a chunk may have (timed chunk sizes, eager): a multiple of _CHUNK_STEP
 
@@ -715,7 +735,8 @@ def _chunk_stride(num_classes: int, traced: bool) -> int:
 
 
 def plan_fused(n_tokens: int, dim: int, num_classes: int, dtype: torch.dtype, workspace: Optional[int] = None,
-               state: Optional[str] = None, traced: bool = False, bias: bool = False) -> FusedPlan:
+               state: Optional[str] = None, traced: bool = False, bias: bool = False,
+               four_bit_kernel: bool = True) -> FusedPlan:
     """Chunk rows and grad_weight state of the fused op so that state + one [chunk_rows, V] logits chunk fit
     ``workspace`` (default: Settings.fused_workspace_bytes, else default_fused_workspace):
 
@@ -723,8 +744,11 @@ def plan_fused(n_tokens: int, dim: int, num_classes: int, dtype: torch.dtype, wo
     (b) fp32 weights: IN_OUTPUT (no state);
     (c) 16-bit weights, state "auto": FP32_STATE when V * D * 4 plus a chunk of >= min(N, 1024) rows fits and
         COMPENSATED's larger chunks would not need fewer of them, else (d) COMPENSATED (V * D bytes) with chunks of
-        >= 128 rows (fewer chunks: fewer passes over the state, bench/NOTES.md 8.15); "fp32" / "compensated"
-        force one (>= 128 rows);
+        >= 128 rows (fewer chunks: fewer passes over the state, bench/NOTES.md 8.15), or, bf16 with D even and
+        ``four_bit_kernel`` (a kernel that runs MODE 2 without spills will: _four_bit_kernel), COMPENSATED4
+        (V * D / 2 bytes) where its larger chunks need fewer passes, and at most _MAX_4BIT_PASSES (NOTES 8.20);
+        "fp32" / "compensated" / "compensated4" force one (>= 128 rows; "compensated4" is "compensated" for fp16
+        or an odd D);
     (e) nothing fits: RECOMPUTE.
     Chunks: as many rows as fit beside the state, a multiple of 128, then evened out over the chunks needed
     (chunk_rows); max_chunk_rows, the most that fit (a multiple of 64), bounds the timed sizes of the same count.
@@ -736,8 +760,8 @@ def plan_fused(n_tokens: int, dim: int, num_classes: int, dtype: torch.dtype, wo
     if workspace is None:
         workspace = default_fused_workspace(n, num_classes, dtype)
     state = SETTINGS.fused_state if state is None else state
-    if state not in ("auto", "fp32", "compensated"):
-        raise ValueError(f"fused_state must be auto, fp32 or compensated, got {state!r}")
+    if state not in ("auto", "fp32", "compensated", "compensated4"):
+        raise ValueError(f"fused_state must be auto, fp32, compensated or compensated4, got {state!r}")
     itemsize = torch.empty((), dtype=dtype).element_size()
     row_bytes = (_chunk_stride(num_classes, traced) + (dim if traced else 0)) * itemsize
     if traced and bias and dtype != torch.float32:
@@ -746,18 +770,24 @@ def plan_fused(n_tokens: int, dim: int, num_classes: int, dtype: torch.dtype, wo
         return FusedPlan(n, ONE_CHUNK, n * row_bytes, n)
     grain = _FUSED_ROW_GRAIN
     elements = num_classes * dim
+    four_bits = dtype == torch.bfloat16 and dim % 2 == 0
     if dtype == torch.float32:
         options = [(IN_OUTPUT, 0, grain)]
     else:
-        options = {"auto": [(FP32_STATE, 4 * elements, _FP32_STATE_MIN_ROWS), (COMPENSATED, elements, grain)],
+        compensated4 = [(COMPENSATED4, elements // 2, grain)] if four_bits else [(COMPENSATED, elements, grain)]
+        options = {"auto": [(FP32_STATE, 4 * elements, _FP32_STATE_MIN_ROWS), (COMPENSATED, elements, grain)]
+                   + ([(COMPENSATED4, elements // 2, grain)] if four_bits and four_bit_kernel else []),
                    "fp32": [(FP32_STATE, 4 * elements, grain)],
-                   "compensated": [(COMPENSATED, elements, grain)]}[state]
+                   "compensated": [(COMPENSATED, elements, grain)],
+                   "compensated4": compensated4}[state]
     plans = []
     for mode, state_bytes, min_rows in options:
         fit = max(0, workspace - state_bytes) // row_bytes      # < n: one chunk of all rows did not fit
         if fit >= max(grain, min(n, min_rows)):
             rows = fit // grain * grain
             rows = _cdiv(_cdiv(n, _cdiv(n, rows)), grain) * grain   # the same chunk count, chunks evened out
+            if state == "auto" and mode == COMPENSATED4 and _cdiv(n, rows) > _MAX_4BIT_PASSES:
+                continue
             max_rows = max(rows, min(n, fit) // _CHUNK_STEP * _CHUNK_STEP)   # (chunk_schedule's bound)
             plans.append(FusedPlan(rows, mode, state_bytes + max_rows * row_bytes, max_rows))
     if plans:  # the first that fits, unless a later one (the smaller state) needs fewer chunks (state passes)
@@ -856,7 +886,8 @@ def lce_fused_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targe
     bias = None if bias is None else bias.contiguous()
     grad_scale = grad_scale.to(hidden.device)            # read by the kernel on the device: no host sync
     traced = _is_traced(hidden)
-    plan = plan_fused(_hint(n_tokens), dim, num_classes, hidden.dtype, traced=traced, bias=bias is not None)
+    plan = plan_fused(_hint(n_tokens), dim, num_classes, hidden.dtype, traced=traced, bias=bias is not None,
+                      four_bit_kernel=_four_bit_kernel(hidden, traced))
     if plan.state_mode == RECOMPUTE:  # the same results with four GEMMs and the backward's lean workspace
         loss, lse, _ = lce_forward_impl(hidden, weight, bias, target, ignore_index, softcap)
         grads = lce_backward_impl(grad_scale.expand(n_tokens), None, None, hidden, weight, bias, target, lse,
@@ -941,6 +972,8 @@ def _fused_chunks(plan, hidden, weight, bias, target, grad_scale, ignore_index, 
         state = hidden.new_empty((num_classes, dim), dtype=torch.float32)       # [V, D]
     elif mode == COMPENSATED:
         state = hidden.new_empty((num_classes, dim), dtype=torch.int8)          # [V, D] compensation of grad_weight
+    elif mode == COMPENSATED4:
+        state = hidden.new_empty((num_classes, dim // 2), dtype=torch.uint8)    # [V, D / 2]: two 4-bit values a byte
     sizes, buf = _chunk_sizes_and_buffer(plan, hidden, weight, bias, stride, grad_hidden, traced)
     r1 = 0
     for i, rows in enumerate(sizes):
@@ -972,7 +1005,7 @@ def _fused_chunks(plan, hidden, weight, bias, target, grad_scale, ignore_index, 
                 grad_weight.copy_(state)
         else:
             _matmul_accumulate("grad_weight", gl_t, h_c, grad_weight, grad_weight if mode == IN_OUTPUT else state,
-                               mode=MODE_COMPENSATED if mode == COMPENSATED else MODE_FP32, first=first, last=last,
+                               mode=_STATE_MODES[mode], first=first, last=last,
                                m_key=_bucket(num_classes), k_key=_bucket(plan.chunk_rows), traced=traced,
                                a_padded=stride % _chunk_grain() == 0)
         if grad_bias_acc is not None:
