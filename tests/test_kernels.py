@@ -158,11 +158,9 @@ FUSED_CASES = {
     "fused_fp32_state_softcap_ragged": _fused(61, 20, 77, "bfloat16", False, 0.2, -100,
                                               dict(fused_workspace_bytes=77 * 20 * 4 + 16 * 160, fused_state="fp32"),
                                               "fp32", 3.0, "one"),
-    # compensated state (MODE 1, bf16 hi + int8 lo): 5 chunks (forced: "auto" takes the 4-bit state's 3), 8 (the
-    # 4-bit state would need 5 > _MAX_4BIT_PASSES), fp16 4 (fp16 has no 4-bit state)
+    # compensated state (MODE 1, bf16 hi + int8 lo), chosen by "auto": 5, 8, 4 and 5 chunks
     "fused_compensated_bf16_bias_softcap": _fused(37, 48, 83, "bfloat16", True, 0.2, -100,
-                                                  dict(fused_workspace_bytes=83 * 48 + 8 * 192,
-                                                       fused_state="compensated"), "compensated", 3.0),
+                                                  dict(fused_workspace_bytes=83 * 48 + 8 * 192), "compensated", 3.0),
     "fused_compensated_bf16_8_chunks": _fused(64, 32, 100, "bfloat16", False, 0.1, -100,
                                               dict(fused_workspace_bytes=100 * 32 + 8 * 224), "compensated", 0.0,
                                               "one"),
@@ -172,12 +170,16 @@ FUSED_CASES = {
     "fused_compensated_fp16_forced_4bit": _fused(29, 32, 61, "float16", False, 0.1, -100,
                                                  dict(fused_workspace_bytes=61 * 32 + 8 * 128,
                                                       fused_state="compensated4"), "compensated"),
-    # the 4-bit state (MODE 2, bf16 hi + 4-bit lo), chosen by "auto" where it saves passes: 3 chunks (int8: 5), with
-    # a bias and soft-cap; every token ignored; forced, ragged (D = 22, V = 77, 4 chunks of 16 of 61 rows)
-    "fused_compensated4_bf16_bias_softcap": _fused(37, 48, 83, "bfloat16", True, 0.2, -100,
-                                                   dict(fused_workspace_bytes=83 * 48 + 8 * 192), "compensated4", 3.0),
     "fused_all_ignored_bias": _fused(40, 40, 70, "bfloat16", True, "all", -100,
-                                     dict(fused_workspace_bytes=70 * 40 + 8 * 160), "compensated4", 0.0, "one"),
+                                     dict(fused_workspace_bytes=70 * 40 + 8 * 160), "compensated", 0.0, "one"),
+    # the 4-bit state (MODE 2, bf16 hi + 4-bit lo, opt-in): 3 chunks where int8 takes 5 (the workspace above), with a
+    # bias and soft-cap; every token ignored; ragged (D = 22, V = 77, 4 chunks of 16 of 61 rows)
+    "fused_compensated4_bf16_bias_softcap": _fused(37, 48, 83, "bfloat16", True, 0.2, -100,
+                                                   dict(fused_workspace_bytes=83 * 48 + 8 * 192,
+                                                        fused_state="compensated4"), "compensated4", 3.0),
+    "fused_compensated4_all_ignored": _fused(40, 40, 70, "bfloat16", True, "all", -100,
+                                             dict(fused_workspace_bytes=70 * 40 + 8 * 160, fused_state="compensated4"),
+                                             "compensated4", 0.0, "one"),
     "fused_compensated4_forced_ragged": _fused(61, 22, 77, "bfloat16", False, 0.1, 0,
                                                dict(fused_workspace_bytes=77 * 11 + 16 * 160,
                                                     fused_state="compensated4"), "compensated4", 0.0, "one"),
@@ -638,8 +640,8 @@ def test_interpreted_fused_timed_chunk_sizes(interpreted):
 
 
 def test_fused_plan():
-    """plan_fused: the workspace rule, the state chosen per case (the 4-bit state where it saves passes and needs
-    at most _MAX_4BIT_PASSES, and a kernel runs it: four_bit_kernel), chunk rows, the recompute fallback."""
+    """plan_fused: the workspace rule, the state chosen per case, chunk rows, the opt-in 4-bit state, the
+    recompute fallback."""
     import inductor_lce.lowering as L
 
     if not L.AVAILABLE:
@@ -665,8 +667,8 @@ def test_fused_plan():
         if plan.state_mode == "one_chunk":
             assert N * stride * 2 <= ws and plan.chunk_rows == N
             continue
-        assert plan.state_mode in ("fp32", "compensated", "compensated4"), plan
-        state_bytes = {"fp32": V * D * 4, "compensated": V * D, "compensated4": V * D // 2}[plan.state_mode]
+        assert plan.state_mode in ("fp32", "compensated"), plan
+        state_bytes = V * D * (4 if plan.state_mode == "fp32" else 1)
         assert plan.workspace_bytes == state_bytes + plan.max_chunk_rows * stride * 2
         assert plan.chunk_rows % 128 == 0 and plan.chunk_rows < N
         # the timed chunk sizes' bound: the most rows that fit, a multiple of 64, no fewer chunks than the even split
@@ -680,24 +682,21 @@ def test_fused_plan():
         # need fewer of them
         fp32_rows = (ws - V * D * 4) // (stride * 2) // 128 * 128
         comp_rows = (ws - V * D) // (stride * 2) // 128 * 128
-        comp4_chunks = -(-N // ((ws - V * D // 2) // (stride * 2) // 128 * 128))
         fp32_wins = fp32_rows >= min(N, 1024) and -(-N // fp32_rows) <= -(-N // comp_rows)
-        comp4_wins = not fp32_wins and comp4_chunks < -(-N // comp_rows) and comp4_chunks <= I._MAX_4BIT_PASSES
         assert (plan.state_mode == "fp32") == fp32_wins, plan
-        assert (plan.state_mode == "compensated4") == comp4_wins, plan
-        without = I.plan_fused(N, D, V, bf16, state="auto", four_bit_kernel=False)   # (no kernel for it: int8)
-        assert without.state_mode == ("compensated" if comp4_wins else plan.state_mode), without
     # the benchmark shapes: 8192 x 2304 x 256000 cannot keep an fp32 state in half its logits; 16384 x 2048 x 32000
     # can (5 chunks), but the compensated state takes 3
     assert I.plan_fused(8192, 2304, 256000, bf16).state_mode == "compensated"
     assert I.plan_fused(16384, 2048, 32000, bf16).state_mode == "compensated"
     # 8192 x 4096 x 128256 and the e2e shape 4096 x 2048 x 128256: the int8 state leaves room for 5 chunks, the
-    # 4-bit one for 3 (bench/NOTES.md 8.20); fp16 has no 4-bit state
+    # opt-in 4-bit one (half the bytes) for 3 (bench/NOTES.md 8.20); fp16 has no 4-bit state
     for N, D, V in ((8192, 4096, 128256), (4096, 2048, 128256)):
         p = I.plan_fused(N, D, V, bf16)
-        assert p.state_mode == "compensated4" and -(-N // p.chunk_rows) == 3, p
-        assert -(-N // I.plan_fused(N, D, V, bf16, state="compensated").chunk_rows) == 5
-        assert I.plan_fused(N, D, V, torch.float16).state_mode == "compensated"
+        assert p.state_mode == "compensated" and -(-N // p.chunk_rows) == 5, p
+        p4 = I.plan_fused(N, D, V, bf16, state="compensated4")
+        assert p4.state_mode == "compensated4" and -(-N // p4.chunk_rows) == 3, p4
+        ws = I.default_fused_workspace(N, V, bf16)
+        assert p4.workspace_bytes == V * D // 2 + p4.max_chunk_rows * I._chunk_stride(V, False) * 2 <= ws
         assert I.plan_fused(N, D, V, torch.float16, state="compensated4").state_mode == "compensated"
     assert I.plan_fused(8192, 4095, 128256, bf16, state="compensated4").state_mode == "compensated"   # odd D
     assert -(-16384 // I.plan_fused(16384, 2048, 32000, bf16).chunk_rows) == 3
@@ -818,7 +817,7 @@ def test_interpreted_compensated_state_accumulates_exactly(interpreted):
     result is the exact sum rounded once to the dtype, give or take steps * that of the largest running sum, on
     every element. Over 40 launches whose running sums reach 1400x the final one, MODE 1 is as close as one
     rounding and plain dtype accumulation 3-4x further off; MODE 2 within its bound only (it is for few passes).
-    Over 3 launches without drift (the fused op's passes: lce_triton._MAX_4BIT_PASSES), MODE 2 is within 2% of one
+    Over 3 launches without drift (the fused op's passes where MODE 2 saves some), MODE 2 is within 2% of one
     rounding (measured 1.001x)."""
     from inductor_lce.lowering import lce_triton as I
 
@@ -982,8 +981,8 @@ def _sm90_builds():
 def test_kernels_build_for_hopper_offline():
     """Each kernel compiles for sm_90 (Triton front end, TTGIR, PTX, ptxas) without a GPU and the GEMM kernels use
     wgmma: catches errors the interpreter does not (e.g. non-constexpr globals, an fp64 softcap promoting
-    loop-carried values); and the kernels of the default paths do not spill registers (the 4-bit state's do: not
-    a default path on sm_90, where the Gluon kernel runs it)."""
+    loop-carried values); and the kernels of the default paths do not spill registers (the opt-in 4-bit state's
+    do)."""
     pytest.importorskip("triton")
     import importlib
 
@@ -1006,8 +1005,7 @@ def test_kernels_build_for_hopper_offline():
             assert kernel.metadata.shared <= 227 * 1024, (name, const, kernel.metadata.shared)  # sm_90's limit
         report = ptxas_report(kernel)
         # (grad_logits, the opt-in Settings.grad_logits="fused" variant, spills at 128x256: 0.7-3 KB, as before; so
-        # do the Triton kernels' 4-bit state (MODE 2): 0.7-2.6 KB, which is why "auto" takes that state only where
-        # the Gluon kernel runs it, lce_triton._four_bit_kernel)
+        # do the Triton kernels' 4-bit state (MODE 2): 0.7-2.6 KB; that state is opt-in, run by the Gluon kernel)
         assert report["spill_bytes"] == 0 or name == "grad_logits" or const.get("MODE") == 2, (name, const, report)
 
 
@@ -1145,10 +1143,11 @@ _FUSED_GPU_PLANS = [
     ("compensated", dict(fused_workspace_bytes=30 * _MIB, fused_grad_weight_kernel="wgmma")),
     ("compensated", dict(fused_workspace_bytes=30 * _MIB, fused_grad_weight_kernel="cooperative")),
     ("fp32", dict(fused_workspace_bytes=100 * _MIB, fused_fp32_gemm="triton", fused_grad_weight_kernel="wgmma")),
-    # the 4-bit state (MODE 2): chosen by "auto" where it saves a pass (4 chunks of 768 rows; int8: 5 of 640),
-    # forced with 24 chunks, and by each kernel that runs it (the Triton ones: correct, though they spill)
-    ("compensated4", dict(fused_workspace_bytes=int(36.5 * _MIB))),
-    ("compensated4", dict(fused_workspace_bytes=int(36.5 * _MIB), fused_grad_weight_kernel="wgmma")),
+    # the opt-in 4-bit state (MODE 2): 4 chunks of 768 rows (int8: 5 of 640) with the kernel timed, by each
+    # kernel that runs it (the Triton ones: correct, though they spill), and 24 chunks
+    ("compensated4", dict(fused_workspace_bytes=int(36.5 * _MIB), fused_state="compensated4")),
+    ("compensated4", dict(fused_workspace_bytes=int(36.5 * _MIB), fused_grad_weight_kernel="wgmma",
+                          fused_state="compensated4")),
     ("compensated4", dict(fused_workspace_bytes=int(36.5 * _MIB), fused_grad_weight_kernel="tma",
                           fused_state="compensated4")),
     ("compensated4", dict(fused_workspace_bytes=int(36.5 * _MIB), fused_grad_weight_kernel="pointer",
@@ -1343,8 +1342,7 @@ def test_cuda_fused_timed_chunk_sizes_across_token_counts():
     reuses the first one's timed sizes (each size is timed once per D and V)."""
     from inductor_lce.lowering import lce_triton
 
-    settings = dict(fused_workspace_bytes=int(39.1 * _MIB), fused_chunk_tuning=True,   # 5 chunks of <= 704 rows
-                    fused_state="compensated")   # ("auto" takes the 4-bit state's 4 chunks here)
+    settings = dict(fused_workspace_bytes=int(39.1 * _MIB), fused_chunk_tuning=True)   # 5 chunks of <= 704 rows
     lce_triton._CHUNK_TIMES.clear()
     lce_triton._CHUNK_SCHEDULES.clear()
     timed = []

@@ -28,9 +28,10 @@ The running sum over launches lives in one of two states (MODE):
   (fewer passes over the state, bench/NOTES.md 8.20): as MODE 1's bf16 form with lo the next 4 bits (hi:lo:000,
   a 12-bit significand: r = bits(total) + 0x800, hi = r >> 16, lo = (r >> 12) & 0xF), two per byte in a uint8
   [M, N / 2] buffer (N even; column 2j in the low half of byte j, 2j + 1 in the high half; row stride
-  ``stride_state``). Each launch rounds the running sum to 2^-12 relative, 2^3 below bf16's own rounding: over
-  the few launches the host allows it (lce_triton._MAX_4BIT_PASSES) the result stays within a few % of one
-  rounding of the exact sum.
+  ``stride_state``). Each launch rounds the running sum to 2^-12 relative, 2^4 below bf16's own rounding: over
+  a few launches the result stays within a few % of one rounding of the exact sum (3 launches: 1.001x, CPU
+  test). Opt-in (Settings.fused_state "compensated4"): the Triton kernels' epilogues spill with it (0.7-2.6 KB);
+  the Gluon ping-pong kernel runs it without.
   Plain dtype accumulation over S launches would add ~sqrt(S) roundings of the running sum (1e-2 relative
   error at S = 64 in bf16, measured; see bench/NOTES.md).
 

@@ -95,7 +95,8 @@ class Settings:
     # that default's fraction of one [N, V] logits tensor (plain torch.compile keeps about one): < 0.5 keeps the
     # op under half of plain compile's memory; larger, fewer chunks (fewer passes over the grad_weight state)
     fused_workspace_fraction: float = float(os.environ.get("INDUCTOR_LCE_FUSED_WORKSPACE_FRACTION", "0.49"))
-    # auto | fp32 | compensated (int8) | compensated4 (4 bits; bf16, even D; else as compensated): plan_fused
+    # auto | fp32 | compensated (int8) | compensated4 (4 bits; bf16, even D; else as compensated; opt-in, "auto"
+    # never takes it: bench/NOTES.md 8.20): plan_fused
     fused_state: str = os.environ.get("INDUCTOR_LCE_FUSED_STATE", "auto")
     # fp32 grad_weight accumulation (fp32 state, fp32 weights) on CUDA: cuBLAS (aten::addmm.dtype_out, where this
     # torch has it and it works) or the Triton matmul_accumulate kernel
@@ -503,18 +504,6 @@ def _gluon_configs(a: Tensor, state: Tensor, out: Tensor, mode: int) -> tuple:
     return found
 
 
-def _four_bit_kernel(hidden: Tensor, traced: bool) -> bool:
-    """Whether the fused op's grad_weight accumulation runs the 4-bit state (MODE 2) in a kernel whose epilogue
-    keeps it in registers: matmul_accumulate_wgmma.py (Gluon, sm_90, eager) among the timed candidates; the
-    interpreter too (CI tests the rule). The Triton kernels' compiled epilogues re-layout the packed bytes and spill
-    (0.7-2.6 KB at 128 x 256: the offline build), so elsewhere "auto" keeps the int8 state."""
-    if INTERPRET:
-        return True
-    return (not traced and hidden.is_cuda and wgmma_kernel is not None and TensorDescriptor is not None
-            and _capability(str(hidden.device)) == (9, 0)
-            and SETTINGS.fused_grad_weight_kernel in ("auto", "wgmma"))
-
-
 # {(N, m_key, k_key, dtypes, mode): None (matmul_accumulate_tma.py) or a Gluon config (_gluon_configs)}
 _GRAD_WEIGHT_CHOICE: dict = {}
 
@@ -695,9 +684,6 @@ _MIN_FUSED_WORKSPACE = 64 * 2**20
 _FUSED_ROW_GRAIN = 8 if INTERPRET else 128   # chunk rows are a multiple of it (the last chunk ragged)
 _CHUNK_STEP = 8 if INTERPRET else 64         # timed chunk sizes are multiples of it (chunk_schedule.py)
 _FP32_STATE_MIN_ROWS = 1024                  # "auto" takes the fp32 state only beside chunks of >= min(N, this) rows
-# "auto" takes the 4-bit state only where it saves a pass and needs at most this many: each pass but the last rounds
-# the running sum to 2^-12 relative (bf16's own rounding: 2^-8), so at most 3 such roundings (NOTES 8.20)
-_MAX_4BIT_PASSES = 4
 
 
 @dataclass(frozen=True)
@@ -735,8 +721,7 @@ def _chunk_stride(num_classes: int, traced: bool) -> int:
 
 
 def plan_fused(n_tokens: int, dim: int, num_classes: int, dtype: torch.dtype, workspace: Optional[int] = None,
-               state: Optional[str] = None, traced: bool = False, bias: bool = False,
-               four_bit_kernel: bool = True) -> FusedPlan:
+               state: Optional[str] = None, traced: bool = False, bias: bool = False) -> FusedPlan:
     """Chunk rows and grad_weight state of the fused op so that state + one [chunk_rows, V] logits chunk fit
     ``workspace`` (default: Settings.fused_workspace_bytes, else default_fused_workspace):
 
@@ -744,11 +729,12 @@ def plan_fused(n_tokens: int, dim: int, num_classes: int, dtype: torch.dtype, wo
     (b) fp32 weights: IN_OUTPUT (no state);
     (c) 16-bit weights, state "auto": FP32_STATE when V * D * 4 plus a chunk of >= min(N, 1024) rows fits and
         COMPENSATED's larger chunks would not need fewer of them, else (d) COMPENSATED (V * D bytes) with chunks of
-        >= 128 rows (fewer chunks: fewer passes over the state, bench/NOTES.md 8.15), or, bf16 with D even and
-        ``four_bit_kernel`` (a kernel that runs MODE 2 without spills will: _four_bit_kernel), COMPENSATED4
-        (V * D / 2 bytes) where its larger chunks need fewer passes, and at most _MAX_4BIT_PASSES (NOTES 8.20);
-        "fp32" / "compensated" / "compensated4" force one (>= 128 rows; "compensated4" is "compensated" for fp16
-        or an odd D);
+        >= 128 rows (fewer chunks: fewer passes over the state, bench/NOTES.md 8.15); "fp32" / "compensated" force
+        one (>= 128 rows); "compensated4", COMPENSATED4 (V * D / 2 bytes: larger chunks, fewer passes; bf16 with D
+        even, else as "compensated"), is opt-in: it saves 2 of 5 passes at 8192 x 4096 x 128256 and at the e2e
+        shape, but only the Gluon ping-pong kernel runs it without spills, which made shape 2 4 ms slower and the
+        e2e shape 0.5 ms faster (NOTES 8.20). Each of its passes but the last rounds the running sum to 2^-12
+        relative (bf16's own rounding: 2^-8), so it is for few chunks;
     (e) nothing fits: RECOMPUTE.
     Chunks: as many rows as fit beside the state, a multiple of 128, then evened out over the chunks needed
     (chunk_rows); max_chunk_rows, the most that fit (a multiple of 64), bounds the timed sizes of the same count.
@@ -770,24 +756,21 @@ def plan_fused(n_tokens: int, dim: int, num_classes: int, dtype: torch.dtype, wo
         return FusedPlan(n, ONE_CHUNK, n * row_bytes, n)
     grain = _FUSED_ROW_GRAIN
     elements = num_classes * dim
-    four_bits = dtype == torch.bfloat16 and dim % 2 == 0
     if dtype == torch.float32:
         options = [(IN_OUTPUT, 0, grain)]
     else:
-        compensated4 = [(COMPENSATED4, elements // 2, grain)] if four_bits else [(COMPENSATED, elements, grain)]
-        options = {"auto": [(FP32_STATE, 4 * elements, _FP32_STATE_MIN_ROWS), (COMPENSATED, elements, grain)]
-                   + ([(COMPENSATED4, elements // 2, grain)] if four_bits and four_bit_kernel else []),
+        four_bits = dtype == torch.bfloat16 and dim % 2 == 0
+        options = {"auto": [(FP32_STATE, 4 * elements, _FP32_STATE_MIN_ROWS), (COMPENSATED, elements, grain)],
                    "fp32": [(FP32_STATE, 4 * elements, grain)],
                    "compensated": [(COMPENSATED, elements, grain)],
-                   "compensated4": compensated4}[state]
+                   "compensated4": [(COMPENSATED4, elements // 2, grain) if four_bits else (COMPENSATED, elements, grain)]
+                   }[state]
     plans = []
     for mode, state_bytes, min_rows in options:
         fit = max(0, workspace - state_bytes) // row_bytes      # < n: one chunk of all rows did not fit
         if fit >= max(grain, min(n, min_rows)):
             rows = fit // grain * grain
             rows = _cdiv(_cdiv(n, _cdiv(n, rows)), grain) * grain   # the same chunk count, chunks evened out
-            if state == "auto" and mode == COMPENSATED4 and _cdiv(n, rows) > _MAX_4BIT_PASSES:
-                continue
             max_rows = max(rows, min(n, fit) // _CHUNK_STEP * _CHUNK_STEP)   # (chunk_schedule's bound)
             plans.append(FusedPlan(rows, mode, state_bytes + max_rows * row_bytes, max_rows))
     if plans:  # the first that fits, unless a later one (the smaller state) needs fewer chunks (state passes)
@@ -886,8 +869,7 @@ def lce_fused_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targe
     bias = None if bias is None else bias.contiguous()
     grad_scale = grad_scale.to(hidden.device)            # read by the kernel on the device: no host sync
     traced = _is_traced(hidden)
-    plan = plan_fused(_hint(n_tokens), dim, num_classes, hidden.dtype, traced=traced, bias=bias is not None,
-                      four_bit_kernel=_four_bit_kernel(hidden, traced))
+    plan = plan_fused(_hint(n_tokens), dim, num_classes, hidden.dtype, traced=traced, bias=bias is not None)
     if plan.state_mode == RECOMPUTE:  # the same results with four GEMMs and the backward's lean workspace
         loss, lse, _ = lce_forward_impl(hidden, weight, bias, target, ignore_index, softcap)
         grads = lce_backward_impl(grad_scale.expand(n_tokens), None, None, hidden, weight, bias, target, lse,
