@@ -8,7 +8,7 @@ Its two users (lce_triton.py), one launch per step of their loops:
 * fused op, per row chunk: grad_weight [V, D] += grad_logits_chunk.T [V, rows] @ hidden[rows] [rows, D]
   (A is the chunk transposed: stride_am = 1, stride_ak = the chunk's row stride).
 
-The running sum over launches lives in one of two states (MODE):
+The running sum over launches lives in one of three states (MODE):
 
 * MODE 0 (fp32): state[m, n] += acc in an fp32 [M, N] buffer; the LAST launch writes dtype(state + acc)
   into out. 4 bytes per element: used where M * N * 4 fits the workspace, or for fp32 outputs
@@ -30,8 +30,8 @@ The running sum over launches lives in one of two states (MODE):
   [M, N / 2] buffer (N even; column 2j in the low half of byte j, 2j + 1 in the high half; row stride
   ``stride_state``). Each launch rounds the running sum to 2^-12 relative, 2^4 below bf16's own rounding: over
   a few launches the result stays within a few % of one rounding of the exact sum (3 launches: 1.001x, CPU
-  test). Opt-in (Settings.fused_state "compensated4"): the Triton kernels' epilogues spill with it (0.7-2.6 KB);
-  the Gluon ping-pong kernel runs it without.
+  test). Opt-in (Settings.fused_state "compensated4"): pairing the values of a byte re-lays out the tile, which
+  costs the Triton kernels' epilogues 0.7-2.6 KB of spills, the Gluon ping-pong kernel's (8 columns per thread) 88 B.
   Plain dtype accumulation over S launches would add ~sqrt(S) roundings of the running sum (1e-2 relative
   error at S = 64 in bf16, measured; see bench/NOTES.md).
 
@@ -102,8 +102,8 @@ def _pairs(x):
 @triton.jit
 def load_state(out_ptrs, state_ptrs, lo_ptrs, mask, cols, MODE: tl.constexpr):
     """The running state of a tile of out's columns ``cols``: MODE 0 (fp32 state, fp32 state), MODE 1 (hi, lo),
-    MODE 2 (hi, lo: one uint8 4-bit value per element; lo_ptrs point each element at its byte, read once per
-    element: no reshape, whose layout changes cost the wide tiles spills)."""
+    MODE 2 (hi, lo: one uint8 4-bit value per element; lo_ptrs point each element at its byte, which each of
+    the pair reads: no re-layout on the load side)."""
     if MODE == 0:
         prev_a = tl.load(state_ptrs, mask=mask, other=0.0)
         prev_b = prev_a

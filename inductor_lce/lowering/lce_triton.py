@@ -732,8 +732,8 @@ def plan_fused(n_tokens: int, dim: int, num_classes: int, dtype: torch.dtype, wo
         >= 128 rows (fewer chunks: fewer passes over the state, bench/NOTES.md 8.15); "fp32" / "compensated" force
         one (>= 128 rows); "compensated4", COMPENSATED4 (V * D / 2 bytes: larger chunks, fewer passes; bf16 with D
         even, else as "compensated"), is opt-in: it saves 2 of 5 passes at 8192 x 4096 x 128256 and at the e2e
-        shape, but only the Gluon ping-pong kernel runs it without spills, which made shape 2 4 ms slower and the
-        e2e shape 0.5 ms faster (NOTES 8.20). Each of its passes but the last rounds the running sum to 2^-12
+        shape, but only the Gluon ping-pong kernel runs it without large spills, which made shape 2 3.8 ms slower
+        and the e2e shape 0.5 ms faster (NOTES 8.20). Each of its passes but the last rounds the running sum to 2^-12
         relative (bf16's own rounding: 2^-8), so it is for few chunks;
     (e) nothing fits: RECOMPUTE.
     Chunks: as many rows as fit beside the state, a multiple of 128, then evened out over the chunks needed
@@ -760,11 +760,11 @@ def plan_fused(n_tokens: int, dim: int, num_classes: int, dtype: torch.dtype, wo
         options = [(IN_OUTPUT, 0, grain)]
     else:
         four_bits = dtype == torch.bfloat16 and dim % 2 == 0
-        options = {"auto": [(FP32_STATE, 4 * elements, _FP32_STATE_MIN_ROWS), (COMPENSATED, elements, grain)],
+        compensated = (COMPENSATED, elements, grain)
+        options = {"auto": [(FP32_STATE, 4 * elements, _FP32_STATE_MIN_ROWS), compensated],
                    "fp32": [(FP32_STATE, 4 * elements, grain)],
-                   "compensated": [(COMPENSATED, elements, grain)],
-                   "compensated4": [(COMPENSATED4, elements // 2, grain) if four_bits else (COMPENSATED, elements, grain)]
-                   }[state]
+                   "compensated": [compensated],
+                   "compensated4": [(COMPENSATED4, elements // 2, grain) if four_bits else compensated]}[state]
     plans = []
     for mode, state_bytes, min_rows in options:
         fit = max(0, workspace - state_bytes) // row_bytes      # < n: one chunk of all rows did not fit
