@@ -418,6 +418,7 @@ def _state_accumulation_interpreted():
             (I.MODE_COMPENSATED, torch.bfloat16, 3)]
     for mode, dtype, steps in runs:
         M, K, N = 37, 16, 70
+        stress = steps > 3   # products over 2^-6..2^6, running sums that drift, then come back
         result = torch.zeros(M, N, dtype=dtype)
         lo = torch.zeros((M, N), dtype=torch.int8) if mode == I.MODE_COMPENSATED else \
             torch.zeros((M, N // 2), dtype=torch.uint8)
@@ -425,8 +426,8 @@ def _state_accumulation_interpreted():
         exact = torch.zeros(M, N, dtype=torch.float64)
         peak = torch.zeros(M, N, dtype=torch.float64)
         for i in range(steps):
-            scale = 2.0 ** int(torch.randint(-6, 7, (1,), generator=g)) if steps > 3 else 1.0
-            drift = (0.5 if i < steps // 2 else -0.5) if steps > 3 else 0.0       # drift, then back
+            scale = 2.0 ** int(torch.randint(-6, 7, (1,), generator=g)) if stress else 1.0
+            drift = (0.5 if i < steps // 2 else -0.5) if stress else 0.0
             a = (torch.randn(M, K, generator=g) * scale).to(dtype)
             b = (torch.randn(K, N, generator=g) + drift).to(dtype)
             with L._plain_launches():   # (as inside the op: no wrap_triton tracing dispatch)
@@ -1196,8 +1197,9 @@ def test_cuda_grad_weight_gluon_kernels(kernel, state, workspace, dtype):
     """The Gluon kernels on sm_90 (matmul_accumulate_wgmma.py, matmul_accumulate_cooperative.py): every
     accumulation of a multi-chunk plan, ragged in every dim (V = 20000 and D = 528 are not multiples of the tiles,
     the last chunk's 440 rows not of BLOCK_K), launches the forced kernel (cooperative: the compensated state only;
-    with an fp32 state the TMA kernel runs; the 4-bit state is bf16 only: int8 for fp16), and the outputs match the reference and the TMA Triton kernel's (one
-    ulp of grad_weight apart at most: the K sums run in another order)."""
+    with an fp32 state the TMA kernel runs; the 4-bit state is bf16 only: int8 for fp16), and the outputs match
+    the reference and the TMA Triton kernel's (one ulp of grad_weight apart at most: the K sums run in another
+    order)."""
     from inductor_lce.lowering import lce_triton
 
     if torch.cuda.get_device_capability() != (9, 0) or lce_triton.wgmma_kernel is None:
@@ -1223,8 +1225,7 @@ def test_cuda_grad_weight_gluon_kernels(kernel, state, workspace, dtype):
         lce_triton._launch_gluon = orig
     runs = not (kernel == "cooperative" and state == "fp32")
     assert state_mode == state and len(launches) == n_gluon, launches
-    mode = {"fp32": 0, "compensated": 1, "compensated4": 2}[state]
-    assert launches == ([(kernel, mode)] * -(-3000 // chunk_rows) if runs else []), launches
+    assert launches == ([(kernel, lce_triton._STATE_MODES[state])] * -(-3000 // chunk_rows) if runs else []), launches
     check_fused_outputs(got, inputs, -100, f"{kernel} {state} {dtype}")
     loss, _, grad_hidden, grad_weight = got[:4]
     assert torch.equal(loss, tma[0]) and torch.equal(grad_hidden, tma[2])   # (not computed by this kernel)
